@@ -1,0 +1,102 @@
+"""Attention over a paged KV cache (engine path) and plain causal attention (full-sequence path).
+
+Both paths take q/k/v already projected and rotated, so the model runs the same layers either way.
+Pure torch (SDPA), so it is correct on CPU and CUDA alike; a fused paged kernel can replace `paged_attention`
+without touching the model.
+
+KV cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, num_kv_heads, head_dim).
+A token at position p of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size`,
+i.e. at flat slot `block_id * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of the flattened batch (built by the engine's model runner).
+
+    Tokens of sequence i occupy rows query_start_loc[i]:query_start_loc[i+1] of the flattened batch; after this
+    step the sequence holds context_lens[i] tokens in the cache (cached prefix + the new ones).
+    """
+
+    slot_mapping: torch.Tensor  # (num_tokens,) flat cache slot where each new token's K/V is written
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) block ids, padded with 0
+    context_lens: torch.Tensor  # (num_seqs,)
+    query_lens: list[int]
+    context_lens_list: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    def __post_init__(self) -> None:
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        self.query_starts = starts
+        # Decode rows (one new token) are attended together in one batched call; the rest one by one.
+        self.decode_idx = [i for i, n in enumerate(self.query_lens) if n == 1]
+        self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: (B, S, H, D), k/v: (B, S, KVH, D) -> (B, S, H, D); plain causal attention with GQA."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V (num_tokens, KVH, D) at their slots."""
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """(num_seqs, max_blocks) block ids -> (num_seqs, length, KVH, D) contiguous keys or values."""
+    n, nb = block_tables.shape
+    bs, kvh, d = cache.shape[1:]
+    return cache[block_tables].reshape(n, nb * bs, kvh, d)[:, :length]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
+    out = torch.empty_like(q)
+    if meta.decode_idx:
+        idx = meta.decode_idx
+        rows = torch.tensor([meta.query_starts[i] for i in idx], device=q.device)
+        lens = meta.context_lens[idx]
+        max_len = max(meta.context_lens_list[i] for i in idx)
+        keys = _gather(k_cache, meta.block_tables[idx], max_len)
+        vals = _gather(v_cache, meta.block_tables[idx], max_len)
+        # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
+        # that 0 * NaN could leak into other rows.
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # (n, max_len)
+        o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(2)
+    for i in meta.prefill_idx:
+        s, e = meta.query_starts[i], meta.query_starts[i + 1]
+        ctx, ql = meta.context_lens_list[i], e - s
+        keys = _gather(k_cache, meta.block_tables[i:i + 1], ctx)[0]
+        vals = _gather(v_cache, meta.block_tables[i:i + 1], ctx)[0]
+        qi = q[s:e].transpose(0, 1).unsqueeze(0)  # (1, H, ql, D)
+        kt, vt = keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0)
+        if ctx == ql:  # no cached prefix: plain causal
+            o = F.scaled_dot_product_attention(qi, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # query j sits at position ctx - ql + j and sees keys 0..that position
+            qpos = torch.arange(ctx - ql, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qi, kt, vt, attn_mask=mask[None, None], scale=scale, enable_gqa=True)
+        out[s:e] = o[0].transpose(0, 1)
+    return out

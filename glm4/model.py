@@ -1,0 +1,151 @@
+"""GLM-4-9B in plain PyTorch: the math of ../shared/docs/glm4-spec.md §3, nothing else.
+
+Module attribute names mirror the original THUDM checkpoint (`transformer.encoder.layers.N.self_attention.
+query_key_value`, ...), so `model.get_parameter(checkpoint_name)` finds the destination of every tensor.
+
+Two entry points share every layer:
+  * `model(input_ids)`: full causal forward over (batch, seq), positions 0..seq-1, no cache -> logits;
+  * `model.forward_cached(...)` + `model.compute_logits(...)`: the engine's flattened, paged-KV forward.
+Only the attention core differs between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from glm4.config import GLM4Config
+from glm4.layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
+from glm4.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from glm4.layers.linear import QKVParallelLinear, RowParallelLinear
+from glm4.layers.mlp import MLP
+from glm4.layers.norm import RMSNorm
+from glm4.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class TPArgs:
+    """The tensor-parallel placement of a module: rank, world size and process group."""
+
+    def __init__(self, tp_rank: int = 0, tp_size: int = 1, tp_group: dist.ProcessGroup | None = None) -> None:
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
+        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+
+    def kw(self) -> dict:
+        return dict(tp_rank=self.tp_rank, tp_size=self.tp_size, tp_group=self.tp_group)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.query_key_value = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
+                                                 config.num_kv_heads, config.add_qkv_bias, dtype=dtype, **tp.kw())
+        self.dense = RowParallelLinear(config.q_size, config.hidden_size, dtype=dtype, **tp.kw())
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_dim, config.rope_theta,
+                                      config.max_position_embeddings)
+        self.num_heads = self.query_key_value.num_heads  # per rank
+        self.num_kv_heads = self.query_key_value.num_kv_heads  # per rank (after replication)
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = self.query_key_value(x)
+        q, k, v = qkv.split([self.query_key_value.q_size, self.query_key_value.kv_size,
+                             self.query_key_value.kv_size], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (..., tokens, heads, head_dim)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return self.rotary(positions, q), self.rotary(positions, k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, seq, hidden), causal over the whole sequence."""
+        positions = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self._qkv(x, positions)
+        return self.dense(causal_attention(q, k, v, self.scale).flatten(-2))
+
+    def forward_cached(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_cache: KVCache) -> torch.Tensor:
+        """x: (num_tokens, hidden) flattened over the batch; K/V go to the paged cache first."""
+        q, k, v = self._qkv(x, positions)
+        write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.dense(out.flatten(-2))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attention = SelfAttention(config, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, dtype=dtype, **tp.kw())
+
+    def forward(self, h: torch.Tensor, attn=None) -> torch.Tensor:
+        """Pre-norm residual block; `attn` computes attention on the normed input (full or cached)."""
+        x = self.input_layernorm(h)
+        h = h + (attn(x) if attn is not None else self.self_attention(x))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, **tp.kw())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)  # no scaling, no position embedding
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, tp, dtype) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+
+class ChatGLMModel(nn.Module):
+    def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.embedding = Embedding(config, tp, dtype)
+        self.encoder = Encoder(config, tp, dtype)
+        self.output_layer = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, **tp.kw())
+
+
+class GLM4ForCausalLM(nn.Module):
+    def __init__(self, config: GLM4Config, *, tp_rank: int = 0, tp_size: int = 1,
+                 tp_group: dist.ProcessGroup | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tp = TPArgs(tp_rank, tp_size, tp_group)
+        self.transformer = ChatGLMModel(config, self.tp, dtype)
+
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        return self.transformer.encoder.layers[0].self_attention.num_kv_heads
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (batch, seq) -> logits (batch, seq, vocab), full causal forward without a cache."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        t = self.transformer
+        h = t.embedding(input_ids)
+        for layer in t.encoder.layers:
+            h = layer(h)
+        return t.output_layer(t.encoder.final_layernorm(h))
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache]) -> torch.Tensor:
+        """input_ids, positions: (num_tokens,) flattened over the batch -> final-normed hidden (num_tokens, H)."""
+        t = self.transformer
+        h = t.embedding(input_ids)
+        for layer, kv in zip(t.encoder.layers, kv_caches):
+            h = layer(h, lambda x, layer=layer, kv=kv: layer.self_attention.forward_cached(x, positions, meta, kv))
+        return t.encoder.final_layernorm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, H) -> fp32 logits (n, vocab): sampling always runs in fp32."""
+        return self.transformer.output_layer(hidden).float()
