@@ -1,0 +1,65 @@
+"""EngineConfig: the engine's options, validated up front with errors a user can act on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from glm4.engine.scheduler import POLICIES
+
+SUPPORTED_TP = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # None: cuda if available, else cpu
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256  # sequences decoding at once
+    max_num_batched_tokens: int = 2048  # tokens per model step (decodes + prefill chunks)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory; None: see ModelRunner
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "lpm"  # "lpm" (longest cached prefix first) or "fcfs"
+    seed: int | None = 0  # engine-wide seed for unseeded random sampling
+    executor: Any = None  # Executor subclass or "module:Class"; None: in-process (tp=1) / local processes
+    worker_timeout_s: float = 30.0  # a TP worker silent for this long is declared dead
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**kwargs).validate()
+
+    def validate(self) -> "EngineConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.dtype in (None, "float32", "bfloat16", "float16"),
+             f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        need(self.device is None or str(self.device).split(":")[0] in ("cpu", "cuda"),
+             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        need(self.tensor_parallel_size in SUPPORTED_TP,
+             f"tensor_parallel_size must be one of {SUPPORTED_TP}, got {self.tensor_parallel_size!r}")
+        need(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+             f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        need(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        need(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 2),
+             f"max_model_len must be None or an integer >= 2, got {self.max_model_len!r}")
+        need(isinstance(self.block_size, int) and self.block_size >= 1 and not self.block_size & (self.block_size - 1),
+             f"block_size must be a power of two, got {self.block_size!r}")
+        kv = self.kv_cache_memory
+        need(kv is None or (isinstance(kv, float) and 0 < kv <= 1) or (isinstance(kv, int) and kv > 0),
+             f"kv_cache_memory must be bytes (int > 0) or a fraction of free memory in (0, 1], got {kv!r}")
+        need(self.scheduling_policy in POLICIES,
+             f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
+        need(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
+        return self
