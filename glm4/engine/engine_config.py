@@ -28,6 +28,7 @@ class EngineConfig:
     worker_timeout_s: float = 30.0  # a TP worker silent for this long is declared dead
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    load_format: str = "safetensors"  # "dummy": random weights of config.json's shape, for benchmarks only
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -61,5 +62,7 @@ class EngineConfig:
              f"kv_cache_memory must be bytes (int > 0) or a fraction of free memory in (0, 1], got {kv!r}")
         need(self.scheduling_policy in POLICIES,
              f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
+        need(self.load_format in ("safetensors", "dummy"),
+             f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         need(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
         return self

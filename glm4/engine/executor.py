@@ -38,7 +38,11 @@ class ExecutorSpec:
     max_blocks_needed: int
     worker_timeout_s: float = 30.0
     master_addr: str = "127.0.0.1"
+    # Bound on bringing the group up (process/actor start, rendezvous, per-rank weight loading): loading a
+    # large checkpoint takes far longer than worker_timeout_s, which bounds a single collective.
+    startup_timeout_s: float = 600.0
     master_port: int | None = None  # None: pick a free port
+    load_format: str = "safetensors"  # or "dummy": random weights of config.json's shape (benchmarks)
 
 
 class Executor(ABC):
@@ -67,7 +71,7 @@ class UniProcExecutor(Executor):
     def __init__(self, spec: ExecutorSpec) -> None:
         if spec.tensor_parallel_size != 1:
             raise ValueError("UniProcExecutor runs tensor_parallel_size=1 only")
-        runner = ModelRunner(spec.model_dir, dtype=spec.dtype, device=spec.device)
+        runner = ModelRunner(spec.model_dir, dtype=spec.dtype, device=spec.device, load_format=spec.load_format)
         self._adopt_runner(runner, spec)
         self.num_blocks = runner.num_blocks_for_budget(spec.kv_cache_memory, spec.block_size, spec.max_blocks_needed)
         runner.allocate_kv_cache(self.num_blocks, spec.block_size)

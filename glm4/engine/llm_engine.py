@@ -65,7 +65,8 @@ class LLMEngine:
             tensor_parallel_size=config.tensor_parallel_size, block_size=config.block_size,
             kv_cache_memory=config.kv_cache_memory,
             max_blocks_needed=max_blocks_needed(config.max_num_seqs, self.max_model_len, config.block_size),
-            worker_timeout_s=config.worker_timeout_s, master_addr=config.master_addr, master_port=config.master_port)
+            worker_timeout_s=config.worker_timeout_s, master_addr=config.master_addr, master_port=config.master_port,
+            load_format=config.load_format)
         self.executor: Executor = resolve_executor_class(config.executor, config.tensor_parallel_size)(spec)
         self.scheduler = Scheduler(
             num_blocks=self.executor.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,

@@ -103,14 +103,20 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype | str | None = None,
                  device: str | torch.device | None = None, tp_rank: int = 0, tp_size: int = 1,
-                 tp_group: dist.ProcessGroup | None = None) -> None:
+                 tp_group: dist.ProcessGroup | None = None, load_format: str = "safetensors") -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         self.dtype = dtype or default_dtype(self.device)
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
-        self.model = load_model(model_dir, dtype=self.dtype, device=self.device, tp_rank=tp_rank, tp_size=tp_size,
-                                tp_group=tp_group)
+        if load_format == "dummy":  # benchmarks: random weights made on the device, only config.json is read
+            self.model = dummy_model(model_dir, dtype=self.dtype, device=self.device, tp_rank=tp_rank,
+                                     tp_size=tp_size, tp_group=tp_group)
+        elif load_format == "safetensors":
+            self.model = load_model(model_dir, dtype=self.dtype, device=self.device, tp_rank=tp_rank,
+                                    tp_size=tp_size, tp_group=tp_group)
+        else:
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         self.config: GLM4Config = self.model.config
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
@@ -171,6 +177,26 @@ class ModelRunner:
         hidden = self.model.forward_cached(inputs.input_ids.to(dev, non_blocking=True),
                                            inputs.positions.to(dev, non_blocking=True), meta, self.kv_caches)
         return self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])
+
+
+@torch.no_grad()
+def dummy_model(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device, tp_rank: int = 0,
+                tp_size: int = 1, tp_group: dist.ProcessGroup | None = None):
+    """The model of `model_dir/config.json` with seeded random weights, built directly on the device (no I/O):
+    measures speed on the real shape (e.g. GLM-4-9B on a GPU) without 18.8 GB of downloads."""
+    from glm4.model import GLM4ForCausalLM
+
+    config = GLM4Config.from_json(Path(model_dir) / "config.json")
+    with torch.device("meta"):
+        model = GLM4ForCausalLM(config, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group, dtype=dtype)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(1234 + tp_rank)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0) if "layernorm" in name else p.normal_(0.0, 0.02, generator=g)
+        else:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+    return model.eval()
 
 
 def max_blocks_needed(max_num_seqs: int, max_model_len: int, block_size: int) -> int:

@@ -68,6 +68,24 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
     return cache[block_tables].reshape(n, nb * bs, kvh, d)[:, :length]
 
 
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """Masked GQA attention. q: (B, H, Lq, D); k, v: (B, KVH, Lk, D); mask: (B, Lq, Lk) bool -> (B, H, Lq, D).
+
+    Query head h reads KV head h // G (G = H // KVH, heads of a group are consecutive), so the G query heads of
+    a group are folded into the query-length axis and attend to their one KV head directly. Same math as SDPA's
+    `enable_gqa=True`, but torch's CPU kernels take a far slower path (milliseconds for one decode row) when
+    GQA and an explicit mask are combined; folded, it is a plain masked SDPA call.
+    """
+    b, h, lq, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    qg = q.reshape(b, kvh, g * lq, d)  # (B, KVH, G*Lq, D): query heads of one group, one after another
+    m = mask.unsqueeze(1).expand(b, g, lq, mask.shape[-1]).reshape(b, 1, g * lq, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=scale)
+    return out.reshape(b, h, lq, d)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
@@ -82,8 +100,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
         # that 0 * NaN could leak into other rows.
         mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # (n, max_len)
-        o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        o = _grouped_attention(q[rows].unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                               mask[:, None, :], scale)
         out[rows] = o.squeeze(2)
     for i in meta.prefill_idx:
         s, e = meta.query_starts[i], meta.query_starts[i + 1]
@@ -97,6 +115,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         else:  # query j sits at position ctx - ql + j and sees keys 0..that position
             qpos = torch.arange(ctx - ql, ctx, device=q.device)
             mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qi, kt, vt, attn_mask=mask[None, None], scale=scale, enable_gqa=True)
+            o = _grouped_attention(qi, kt, vt, mask[None], scale)
         out[s:e] = o[0].transpose(0, 1)
     return out
