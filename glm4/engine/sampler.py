@@ -5,14 +5,19 @@ min_tokens masks the row's stop ids; repetition, frequency and presence penaltie
 take the argmax here, so they see penalties but nothing else; the other rows divide by temperature, then apply
 min_p, top_k and top_p (each relative to the distribution left by the previous one) and sample.
 
-Sampling is an exponential race, argmax(probs / E) with E ~ Exp(1) per token, which draws exactly from `probs`
-without a cumulative sum or a host sync. Seeded rows draw E from their own torch.Generator (seeded with
-params.seed + sample index, created on first use and kept on the Sequence), so a seeded request's tokens do not
-depend on what else is in the batch. Unseeded rows share the sampler's generator (engine-wide seed).
+Each of min_p, top_k and top_p keeps a *prefix* of the tokens sorted by logit, so filtered rows work on the top
+`CANDIDATES` logits only (`topk` instead of a full-vocabulary sort, then sampling among <= 1024 tokens); a row whose
+kept set might reach past the candidates is redone exactly over the whole vocabulary.
+
+Sampling is by inverse CDF with ONE uniform per row (no host sync, no V random numbers per row). Seeded rows
+draw it from their own torch.Generator (seeded with params.seed + sample index, created on first use and kept on
+the Sequence), so a seeded request's tokens do not depend on what else is in the batch. Unseeded rows share the
+sampler's generator (engine-wide seed).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +41,59 @@ def _rows(seqs: list[Sequence], pred) -> list[int]:
     return [i for i, s in enumerate(seqs) if pred(s)]
 
 
-def _pad(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+def _needs_min_tokens_mask(s: Sequence) -> bool:
+    return bool(s.stop_token_ids) and not s.min_tokens_reached
+
+
+def _has_penalty(s: Sequence) -> bool:
+    p = s.params
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place: a row must not stop before it has generated min_tokens tokens, so its stop ids get -inf."""
+    vocab = logits.shape[1]
+    for i, s in enumerate(seqs):
+        if _needs_min_tokens_mask(s):
+            logits[i, [t for t in s.stop_token_ids if t < vocab]] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place: repetition (prompt + output tokens), then frequency and presence (output tokens only).
+
+    Only the seen tokens change, so work on them alone: gather their logits, penalise, scatter back
+    (O(seen tokens) instead of several passes over the vocabulary)."""
+    rows = _rows(seqs, _has_penalty)
+    if not rows:
+        return
+    dev = logits.device
+    uniq, out_counts = [], []
+    for i in rows:
+        counts = Counter(seqs[i].output_token_ids)
+        in_prompt = dict.fromkeys(seqs[i].prompt_token_ids)
+        ids = list(in_prompt) + [t for t in counts if t not in in_prompt]
+        uniq.append(ids)
+        out_counts.append([counts.get(t, 0) for t in ids])
+    if not any(uniq):  # nothing seen yet (only possible with an empty prompt)
+        return
+    rows = [r for r, u in zip(rows, uniq) if u]
+    out_counts = [c for c, u in zip(out_counts, uniq) if u]
+    uniq = [u for u in uniq if u]
+    width = max(len(u) for u in uniq)
+    # Pad by repeating the row's first id: the duplicate computes and writes back the same value.
+    ids = torch.tensor([u + [u[0]] * (width - len(u)) for u in uniq], dtype=torch.long, device=dev)
+    cnt = torch.tensor([c + [c[0]] * (width - len(c)) for c in out_counts], dtype=torch.float, device=dev)
+    rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=dev).unsqueeze(1)
+    freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=dev).unsqueeze(1)
+    pres = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=dev).unsqueeze(1)
+    # Flat indices into the contiguous logits, so no [rows, V] copies are made.
+    flat_idx = torch.tensor(rows, dtype=torch.long, device=dev).unsqueeze(1) * logits.shape[1] + ids
+    flat = logits.view(-1)
+    g = flat[flat_idx]
+    # vLLM/CTRL repetition penalty: shrink positive logits, push negative ones further down.
+    g = torch.where(g > 0, g / rep, g * rep)
+    g = g - freq * cnt - pres * (cnt > 0).float()  # OpenAI: counts of generated tokens only
+    flat[flat_idx] = g
 
 
 class Sampler:
@@ -61,22 +116,29 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         n, vocab = logits.shape
         dev = logits.device
-        logits = logits.float().clone()  # processed in place below
-        if self.vocab_size is not None and self.vocab_size < vocab:
+        mask_vocab = self.vocab_size is not None and self.vocab_size < vocab
+        # Copy only when something below edits logits in place (the all-greedy, no-penalty case skips it).
+        if mask_vocab or any(_needs_min_tokens_mask(s) or _has_penalty(s) for s in seqs):
+            logits = logits.float().clone(memory_format=torch.contiguous_format)
+        else:
+            logits = logits.float()
+        if mask_vocab:
             logits[:, self.vocab_size:] = float("-inf")
 
         lp_rows = _rows(seqs, lambda s: s.params.logprobs is not None)
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
 
-        self._mask_stop_ids(logits, seqs)
-        self._apply_penalties(logits, seqs)
+        apply_min_tokens(logits, seqs)
+        apply_penalties(logits, seqs)
 
-        token_ids = torch.empty(n, dtype=torch.long, device=dev)
         greedy = _rows(seqs, lambda s: s.params.temperature == 0)
-        if greedy:
-            token_ids[greedy] = logits[greedy].argmax(dim=-1)
-        rand = _rows(seqs, lambda s: s.params.temperature != 0)
-        if rand:
+        if len(greedy) == n:  # common case: no gather/scatter copies of the logits
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = torch.empty(n, dtype=torch.long, device=dev)
+            if greedy:
+                token_ids[greedy] = logits[greedy].argmax(dim=-1)
+            rand = _rows(seqs, lambda s: s.params.temperature != 0)
             token_ids[rand] = self._sample(logits[rand], [seqs[i] for i in rand])
 
         ids = token_ids.tolist()
@@ -95,84 +157,87 @@ class Sampler:
                 out_lp[i] = d
         return SamplerOutput(ids, out_lp)
 
-    # -- logits processing -------------------------------------------------------------------------------
-    @staticmethod
-    def _mask_stop_ids(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: a row must not stop before it has generated min_tokens tokens."""
-        vocab = logits.shape[1]
+    def _uniforms(self, seqs: list[Sequence], dev: torch.device) -> torch.Tensor:
+        """One U[0,1) per row; a seeded row consumes exactly one draw of its own generator per sampled token."""
+        u = torch.empty(len(seqs), device=dev)
+        shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), device=dev, generator=self._shared_generator(dev))
         for i, s in enumerate(seqs):
-            if not s.min_tokens_reached and s.stop_token_ids:
-                ids = [t for t in s.stop_token_ids if t < vocab]
-                logits[i, ids] = float("-inf")
-
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        rows = _rows(seqs, lambda s: s.params.repetition_penalty != 1 or s.params.presence_penalty != 0
-                     or s.params.frequency_penalty != 0)
-        if not rows:
-            return
-        dev, vocab = logits.device, logits.shape[1]
-        sub = logits[rows]
-        # Output-token counts per row: scatter into an extra padding column that is then dropped.
-        out_ids = _pad([seqs[i].output_token_ids for i in rows], vocab, dev)
-        counts = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(
-            1, out_ids, torch.ones_like(out_ids, dtype=torch.float))[:, :vocab]
-
-        rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=dev).unsqueeze(1)
-        if (rep != 1).any():
-            prompt_ids = _pad([seqs[i].prompt_token_ids for i in rows], vocab, dev)
-            seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev).scatter_(
-                1, prompt_ids, True)[:, :vocab] | (counts > 0)
-            # vLLM/CTRL: shrink positive logits, push negative ones further down, for every seen token.
-            penalised = torch.where(sub > 0, sub / rep, sub * rep)
-            sub = torch.where(seen, penalised, sub)
-
-        freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=dev).unsqueeze(1)
-        pres = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=dev).unsqueeze(1)
-        sub = sub - freq * counts - pres * (counts > 0).float()  # OpenAI: generated tokens only
-        logits[rows] = sub
+            if s.params.seed is not None:
+                if s.generator is None or s.generator.device != u.device:
+                    # vLLM's n>1 rule (seed + index), wrapped into the 64-bit range torch accepts.
+                    s.generator = make_generator((s.params.seed + s.index) % 2**64, dev)
+                u[i] = torch.rand(1, device=dev, generator=s.generator)[0]
+        return u
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [M, V] of the non-greedy rows -> sampled ids [M]."""
         dev = logits.device
         temp = torch.tensor([s.params.temperature for s in seqs], device=dev).unsqueeze(1)
-        logits = logits / temp
+        x = logits / temp
+        u = self._uniforms(seqs, dev)
+        out = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        filtered = _rows(seqs, lambda s: s.params.min_p > 0 or s.params.top_k > 0 or s.params.top_p < 1)
+        plain = _rows(seqs, lambda s: not (s.params.min_p > 0 or s.params.top_k > 0 or s.params.top_p < 1))
+        if plain:
+            out[plain] = _inverse_cdf(torch.softmax(x[plain], dim=-1), u[plain])
+        # Group by candidate count so that a row's arithmetic (and so a seeded row's token) never depends on the
+        # top_k of other rows in the batch.
+        groups: dict[int, list[int]] = {}
+        for i in filtered:
+            groups.setdefault(min(x.shape[1], max(CANDIDATES, seqs[i].params.top_k)), []).append(i)
+        for cap, rows in groups.items():
+            out[rows] = _sample_filtered(x[rows], [seqs[i] for i in rows], u[rows], cap)
+        return out
 
-        rows = _rows(seqs, lambda s: s.params.min_p > 0)
-        if rows:
-            min_p = torch.tensor([seqs[i].params.min_p for i in rows], device=dev).unsqueeze(1)
-            probs = torch.softmax(logits[rows], dim=-1)
-            drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
-            logits[rows] = logits[rows].masked_fill(drop, float("-inf"))
 
-        rows = _rows(seqs, lambda s: s.params.top_k > 0)
-        if rows:
-            ks = torch.tensor([min(seqs[i].params.top_k, logits.shape[1]) for i in rows], device=dev)
-            top = logits[rows].topk(int(ks.max()), dim=-1).values
-            kth = top.gather(1, (ks - 1).unsqueeze(1))  # the k-th largest logit of each row
-            logits[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
+CANDIDATES = 1024
 
-        rows = _rows(seqs, lambda s: s.params.top_p < 1)
-        if rows:
-            top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=dev).unsqueeze(1)
-            sorted_logits, order = logits[rows].sort(dim=-1, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # Keep the smallest top set whose mass reaches top_p: drop a token once the mass before it does.
-            drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-            drop_sorted[:, 0] = False
-            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-            logits[rows] = logits[rows].masked_fill(drop, float("-inf"))
 
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), probs.shape[1], device=dev).exponential_(
-                generator=self._shared_generator(dev))
-        for i, s in enumerate(seqs):
-            if s.params.seed is not None:
-                if s.generator is None or s.generator.device != probs.device:
-                    s.generator = make_generator(s.params.seed + s.index, dev)
-                noise[i].exponential_(generator=s.generator)
-        # Exp(1) can return 0; clamp so masked tokens (prob 0) can never win by 0/0.
-        return (probs / noise.clamp_min_(1e-10)).argmax(dim=-1)
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [R, K] >= 0 (unnormalised), u [R] in [0, 1) -> index [R] drawn proportionally to weights.
+
+    Zero-weight entries have an empty CDF interval, so they can never be chosen."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    idx = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+    # u * total can round up to total; fall back to the last entry that has weight.
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(idx, last).squeeze(1)
+
+
+def _sample_filtered(x: torch.Tensor, seqs: list[Sequence], u: torch.Tensor, cap: int) -> torch.Tensor:
+    """Tempered logits [R, V] with min_p / top_k / top_p -> ids [R], over the top `cap` candidates when exact."""
+    rows, vocab = x.shape
+    dev = x.device
+    ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]
+    k = min(vocab, max(cap, max(ks)))  # callers group rows so that this equals cap
+    # sorted descending; a full sort is cheaper than topk(k=V)
+    vals, idx = x.sort(dim=-1, descending=True) if k == vocab else x.topk(k, dim=-1)
+    pos = torch.arange(k, device=dev)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev).unsqueeze(1)
+    top_k = torch.tensor([kk if kk else vocab for kk in ks], device=dev).unsqueeze(1)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev).unsqueeze(1)
+    has_k = top_k < vocab
+
+    # min_p: p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
+    thr = vals[:, :1] + torch.log(min_p)  # -inf where min_p == 0
+    keep = (vals >= thr) & (pos < top_k)
+    # top_p is relative to what min_p and top_k left. With top_k that is all among the candidates; without it,
+    # tokens beyond the candidates count too, so normalise over the whole (min_p-filtered) row.
+    norm = torch.where(has_k, torch.logsumexp(vals.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True),
+                       torch.logsumexp(x.masked_fill(x < thr, float("-inf")), dim=-1, keepdim=True))
+    probs = torch.exp(vals - norm).masked_fill(~keep, 0.0)
+    cum = probs.cumsum(dim=-1)
+    keep &= (cum - probs) < top_p  # drop a token once the mass before it reaches top_p (the first always stays)
+
+    # Exact within the candidates unless the kept prefix could continue past them.
+    exact = has_k | (vals[:, -1:] < thr) | ((top_p < 1) & (cum[:, -1:] >= top_p))
+    exact = exact.squeeze(1) | (k == vocab)
+    out = idx.gather(1, _inverse_cdf(torch.exp(vals - vals[:, :1]).masked_fill(~keep, 0.0), u).unsqueeze(1))
+    out = out.squeeze(1)
+    redo = torch.nonzero(~exact).flatten().tolist()
+    if redo:
+        out[redo] = _sample_filtered(x[redo], [seqs[i] for i in redo], u[redo], vocab)
+    return out

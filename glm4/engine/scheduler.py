@@ -76,6 +76,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.policy = policy
+        # lpm sorts the queue only up to this length (beyond it: FCFS); it also caps how many waiting sequences
+        # one step examines, so a long queue of deferred sequences cannot make schedule() slow.
         self.lpm_max_queue = lpm_max_queue
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is the preemption victim
@@ -183,6 +185,8 @@ class Scheduler:
 
     def _admit(self, budget: int, scheduled: dict[int, ScheduledSeq]) -> int:
         bm = self.block_manager
+        if not self.waiting or budget == 0 or len(self.running) >= self.max_num_seqs:
+            return budget  # no room: skip the lpm sort, which costs O(queue * prompt blocks)
         self._order_waiting()
         caching = bm.enable_prefix_caching
         in_flight = self._in_flight_hashes() if caching else set()
