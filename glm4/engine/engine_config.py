@@ -26,6 +26,7 @@ class EngineConfig:
     seed: int | None = 0  # engine-wide seed for unseeded random sampling
     executor: Any = None  # Executor subclass or "module:Class"; None: in-process (tp=1) / local processes
     worker_timeout_s: float = 30.0  # a TP worker silent for this long is declared dead
+    startup_timeout_s: float = 600.0  # bound on starting a TP group (launch, rendezvous, loading the shards)
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     load_format: str = "safetensors"  # "dummy": random weights of config.json's shape, for benchmarks only

@@ -66,7 +66,7 @@ class LLMEngine:
             kv_cache_memory=config.kv_cache_memory,
             max_blocks_needed=max_blocks_needed(config.max_num_seqs, self.max_model_len, config.block_size),
             worker_timeout_s=config.worker_timeout_s, master_addr=config.master_addr, master_port=config.master_port,
-            load_format=config.load_format)
+            load_format=config.load_format, startup_timeout_s=config.startup_timeout_s)
         self.executor: Executor = resolve_executor_class(config.executor, config.tensor_parallel_size)(spec)
         self.scheduler = Scheduler(
             num_blocks=self.executor.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
