@@ -49,8 +49,20 @@ class ParallelLMHead(_VocabShard):
                  tp_group: dist.ProcessGroup | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(vocab_size, hidden_size, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group, dtype=dtype)
 
+        self.weight_t: torch.Tensor | None = None
+
+    def use_transposed_weight(self) -> None:
+        """Keep the weight as (hidden, vocab) instead of (vocab, hidden), for CPU inference.
+
+        On CPU, MKL's GEMV over the tall (151552 x hidden) matrix reads it at about half the speed it reads the
+        same bytes laid out (hidden x 151552); the LM head is the largest matrix of a decode step, so this is
+        the difference that matters for batch-1 decode. The original parameter is emptied (no second copy)."""
+        if self.weight_t is None:
+            self.weight_t = self.weight.detach().t().contiguous()
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = hidden @ self.weight_t if self.weight_t is not None else F.linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
