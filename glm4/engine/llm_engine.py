@@ -40,6 +40,8 @@ class _Request:
     error: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    num_cached_tokens: int = 0  # most prompt tokens any sample took from the prefix cache
+
 
     @property
     def finished(self) -> bool:
@@ -153,6 +155,10 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return outputs
+        for e in out.scheduled:  # remember prefix hits now: freeing a finished seq's blocks resets its count
+            req = self._requests.get(e.seq.request_id)
+            if req is not None and e.seq.num_cached_tokens > req.num_cached_tokens:
+                req.num_cached_tokens = e.seq.num_cached_tokens
         inputs = StepInputs.from_schedule(out, self.engine_config.block_size)
         logits = self.executor.execute(inputs)
         sample_rows = [i for i, e in enumerate(out.scheduled) if e.sample]
@@ -222,9 +228,8 @@ class LLMEngine:
                                          token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
                                          stop_reason=seq.stop_reason,
                                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None))
-        cached = max((s.num_cached_tokens for s in req.seqs), default=0)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished=req.finished,
-                             num_cached_tokens=cached)
+                             num_cached_tokens=req.num_cached_tokens)
 
     # ---- status ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

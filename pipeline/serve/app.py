@@ -41,6 +41,8 @@ from ray import serve
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from ray.exceptions import TaskCancelledError as _RayTaskCancelled
 from starlette.responses import Response, StreamingResponse
 
 from pipeline.serve.protocol import (
@@ -103,6 +105,9 @@ class ServeArgs(BaseModel):
     max_tokens_limit: Optional[int] = Field(None, ge=1, description="Largest max_tokens a request may ask for "
                                             "(default: the context length).")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; past it: 413.")
+    max_sequences_per_request: int = Field(256, ge=1, description="Largest (number of prompts) x n of one "
+                                           "request; past it: 400. One request holds one admission slot, so "
+                                           "without this bound one call could queue thousands of sequences.")
     # --- engine
     engine_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of "
                                            "AsyncLLMEngine.from_pretrained (as glm4.LLM).")
@@ -395,6 +400,10 @@ class _SSEResponse(StreamingResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except (ClientDisconnect, _RayTaskCancelled):
+            # The client left: Serve's receive() may raise instead of sending http.disconnect. Nothing can be sent
+            # any more; the cleanup below aborts the generation. Not a server error (no 500, no traceback).
+            pass
         finally:
             self._cleanup()
 
@@ -603,6 +612,11 @@ class GLM4Server:
 
     def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
         self._check_model(req.model)
+        n_seqs = len(req.prompts()) * req.n
+        if n_seqs > self.args.max_sequences_per_request:
+            raise APIError(400, f"this request asks for {n_seqs} sequences (prompts x n); this server allows at "
+                                f"most {self.args.max_sequences_per_request} per request", param="prompt",
+                           code="invalid_value")
         prompts: list[list[int]] = []
         for p in req.prompts():
             ids = self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)
@@ -811,6 +825,9 @@ class GLM4Server:
         except APIError as e:
             state.status = e.status_code
             return api_error_response(e)
+        except (ClientDisconnect, _RayTaskCancelled):  # the client left while its body was read: not a 5xx
+            state.status = 499
+            return Response(status_code=499)
         except Exception:
             state.status = 500
             raise

@@ -190,3 +190,10 @@ def test_text_prompts_and_chat(ckpt_hf, llm):
     assert c.prompt_token_ids == llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     bad = llm.chat([[{"role": "wizard", "content": "hi"}]], GREEDY)[0]
     assert bad.finish_reason == "error" and "role" in bad.error
+
+
+def test_outputs_report_prefix_cache_hits(llm):
+    shared = list(range(1, 65))  # 8 full blocks of 8 tokens
+    llm.generate([shared + [70]], GREEDY)
+    out = llm.generate([shared + [71, 72]], GREEDY)[0]
+    assert out.num_cached_tokens == 64, out.num_cached_tokens

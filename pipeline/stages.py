@@ -1,0 +1,333 @@
+"""Ray Data stages of the batch job: validate+tokenize (CPU tasks), engine replicas (actors), postprocess.
+
+Rows travel as Arrow tables. Internal columns start with `__` and are dropped before the write:
+
+    after preprocess   __token_ids list<int32> (null if not tokenized)  __params string (JSON sampling params)
+                       __error string (null unless the row is bad)  __prefix_key string (prefix-aware ordering)
+    after the engine   generated_text, finish_reason, num_prompt_tokens, num_generated_tokens,
+                       num_cached_tokens (prompt tokens served by the prefix cache), error
+
+Detokenization happens inside the engine (it must, to apply stop strings), so the postprocess stage only shapes
+the output schema; the replicas never see text.
+
+A bad row never fails the job: it becomes an error row with a specific message. What does fail the job is a dead
+engine (`glm4.engine.async_engine.EngineDeadError`: every later row would fail too) -- it propagates, and a rerun
+resumes from the checkpoint. A replica process that dies is restarted by Ray Data and its batches are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+TOKEN_IDS = "__token_ids"
+PARAMS = "__params"
+ERROR_IN = "__error"
+PREFIX_KEY = "__prefix_key"
+OUTPUT_COLUMNS = (
+    "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "num_cached_tokens", "error",
+)
+OUTPUT_TYPES = {
+    "generated_text": pa.string(),
+    "finish_reason": pa.string(),
+    "num_prompt_tokens": pa.int32(),
+    "num_generated_tokens": pa.int32(),
+    "num_cached_tokens": pa.int32(),
+    "error": pa.string(),
+}
+# A token id as fixed-width hex, so that string order of the key is the lexicographic order of the token ids:
+# rows sharing any leading run of tokens end up next to each other after a sort (trie order).
+_HEX_WIDTH = 5
+_HEX_MAX = 16**_HEX_WIDTH - 1
+
+
+# --- preprocess: validate + tokenize --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreprocessSpec:
+    model: str
+    storage: StorageOptions
+    model_cache_dir: str
+    prompt_column: str | None
+    messages_column: str | None
+    sampling_params_column: str | None
+    default_params: dict[str, Any]
+    max_model_len: int | None
+    prefix_tokens: int
+
+
+_TOKENIZERS: dict[tuple, tuple[Any, int | None]] = {}
+
+
+def _tokenizer_and_len(model: str, storage: StorageOptions, cache_dir: str, max_model_len: int | None):
+    """Per worker process: Ray reuses task workers, so the tokenizer loads once per process, not per batch."""
+    key = (model, cache_dir, max_model_len)
+    if key not in _TOKENIZERS:
+        from glm4 import load_tokenizer
+
+        from pipeline.io import model_max_len, resolve_model_dir
+
+        model_dir = resolve_model_dir(model, storage, cache_dir, weights=False)
+        _TOKENIZERS[key] = (load_tokenizer(model_dir), max_model_len or model_max_len(model_dir))
+    return _TOKENIZERS[key]
+
+
+class RowError(ValueError):
+    """A problem with one row: it becomes an error row, the job goes on."""
+
+
+def preprocess_batch(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
+    """Validate and tokenize each row. Never raises for a bad row."""
+    tok, max_len = _tokenizer_and_len(spec.model, spec.storage, spec.model_cache_dir, spec.max_model_len)
+    source = batch[spec.prompt_column or spec.messages_column].to_pylist()
+    overrides = (
+        batch[spec.sampling_params_column].to_pylist() if spec.sampling_params_column else [None] * batch.num_rows
+    )
+    token_ids, params, errors, keys = [], [], [], []
+    for value, override in zip(source, overrides):
+        ids = None
+        try:
+            p = _row_params(spec.default_params, override)
+            ids = _tokenize(tok, value, is_chat=spec.messages_column is not None)
+            if max_len is not None and len(ids) + 1 > max_len:
+                raise RowError(
+                    f"prompt too long: {len(ids)} tokens, the model's context is {max_len} tokens "
+                    "(no room for one generated token)"
+                )
+            token_ids.append(ids)
+            params.append(json.dumps(p, sort_keys=True))
+            errors.append(None)
+            keys.append(prefix_key(ids, spec.prefix_tokens))
+        except RowError as e:
+            token_ids.append(ids)  # kept for error rows that were tokenized (num_prompt_tokens)
+            params.append(None)
+            errors.append(str(e))
+            keys.append("")
+    return (
+        batch.append_column(TOKEN_IDS, pa.array(token_ids, pa.list_(pa.int32())))
+        .append_column(PARAMS, pa.array(params, pa.string()))
+        .append_column(ERROR_IN, pa.array(errors, pa.string()))
+        .append_column(PREFIX_KEY, pa.array(keys, pa.string()))
+    )
+
+
+def _tokenize(tok, value: Any, *, is_chat: bool) -> list[int]:
+    if not is_chat:
+        if value is None:
+            raise RowError("null prompt")
+        if not isinstance(value, str):
+            raise RowError(f"prompt must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RowError("empty prompt")
+        return tok.encode_prompt(value)
+    if value is None:
+        raise RowError("null messages")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise RowError(f"malformed messages: not valid JSON ({e})") from None
+    if isinstance(value, list) and not value:
+        raise RowError("malformed messages: empty conversation")
+    if isinstance(value, list):
+        # Arrow structs come back with every field of the union schema; drop absent (None) optional fields.
+        value = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in value]
+    try:
+        ids = tok.apply_chat_template(value, add_generation_prompt=True)
+    except (ValueError, TypeError) as e:
+        raise RowError(f"malformed messages: {e}") from None
+    if len(ids) <= len(tok.prefix_ids) + 1:  # only [gMASK]<sop><|assistant|>: every message was empty
+        raise RowError("malformed messages: no message has content")
+    return ids
+
+
+def _row_params(defaults: dict[str, Any], override: Any) -> dict[str, Any]:
+    from glm4 import SamplingParams
+
+    p = dict(defaults)
+    if override is not None:
+        if isinstance(override, str):
+            try:
+                override = json.loads(override) if override.strip() else {}
+            except ValueError as e:
+                raise RowError(f"invalid sampling params: not valid JSON ({e})") from None
+        if not isinstance(override, dict):
+            raise RowError(f"invalid sampling params: expected an object, got {type(override).__name__}")
+        p.update({k: v for k, v in override.items() if v is not None})
+    if p.get("n", 1) != 1:
+        raise RowError("invalid sampling params: n must be 1 in batch jobs (one generated_text per row)")
+    try:
+        SamplingParams(**p).validate()
+    except TypeError as e:
+        raise RowError(f"invalid sampling params: {e}") from None
+    except ValueError as e:
+        raise RowError(f"invalid sampling params: {e}") from None
+    return p
+
+
+def prefix_key(ids: list[int], k: int) -> str:
+    return "".join(f"{min(t, _HEX_MAX):05x}" for t in ids[:k])
+
+
+# --- engine replicas ------------------------------------------------------------------------------------------------
+@dataclass
+class RowResult:
+    text: str | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int | None = None
+    num_generated_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+def to_row_result(out: Any) -> RowResult:
+    """A finished `glm4.RequestOutput` as a row result (a request the engine refused becomes an error row)."""
+    if out.error:
+        return RowResult(num_prompt_tokens=out.num_prompt_tokens, finish_reason="error",
+                         error=f"engine error: {out.error}")
+    return RowResult(
+        text=out.text,
+        finish_reason=out.finish_reason,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_generated_tokens=out.num_generated_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: str
+    storage: StorageOptions
+    model_cache_dir: str
+    llm_kwargs: dict[str, Any]
+    torch_threads: int | None = None
+    tracker: Any = None  # ProgressTracker actor handle (optional)
+
+
+class EngineReplica:
+    """One engine replica per Ray Data actor.
+
+    `__call__` is async: Ray Data keeps several batches in flight per actor (async UDF concurrency plus
+    `max_concurrent_calls_per_actor`), and every row of every in-flight batch is a request of the same
+    `glm4.AsyncLLMEngine`. The engine's continuous batching therefore mixes rows across batches: a batch with
+    one long row holds only that row's sequence slot, never the replica. An engine that dies
+    (`EngineDeadError`) fails the batch and the job; a replica process that dies is restarted by Ray Data.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        from pipeline.io import resolve_model_dir
+
+        if spec.torch_threads:
+            import torch
+
+            torch.set_num_threads(spec.torch_threads)
+        model_dir = resolve_model_dir(spec.model, spec.storage, spec.model_cache_dir)
+        import glm4
+
+        t0 = time.perf_counter()
+        self.engine = glm4.AsyncLLMEngine.from_pretrained(str(model_dir), **spec.llm_kwargs)
+        self._params_cls = glm4.SamplingParams
+        self.tracker = spec.tracker
+        self.replica_id = f"{os.uname().nodename}:{os.getpid()}"
+        logger.info("replica %s loaded %s in %.1fs", self.replica_id, spec.model, time.perf_counter() - t0)
+
+    async def _generate(self, prompt: list[int], params: Any) -> RowResult:
+        final = None
+        async for out in self.engine.generate(prompt, params):
+            final = out
+        return to_row_result(final)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        errors = batch[ERROR_IN].to_pylist()
+        prompts = batch[TOKEN_IDS].to_pylist()
+        params = batch[PARAMS].to_pylist()
+        todo = [i for i in range(n) if errors[i] is None]
+        done = await asyncio.gather(
+            *(self._generate(prompts[i], self._params_cls(**json.loads(params[i]))) for i in todo)
+        )
+        results: list[RowResult] = [
+            RowResult(
+                num_prompt_tokens=len(prompts[i]) if prompts[i] is not None else None,
+                finish_reason="error",
+                error=errors[i],
+            )
+            for i in range(n)
+        ]
+        for i, r in zip(todo, done):
+            results[i] = r
+        if self.tracker is not None:
+            # Reported here rather than at the write: the writer buffers rows_per_file rows per file, which
+            # would make the console sit at 0 rows for a long time.
+            self.tracker.add.remote(
+                n,
+                sum(r.error is not None for r in results),
+                sum(r.num_prompt_tokens or 0 for r in results),
+                sum(r.num_generated_tokens for r in results),
+                _error_kinds([r.error for r in results]),
+            )
+            self.tracker.replica_stats.remote(self.replica_id, _scalar_stats(self.engine.stats()))
+        return add_result_columns(batch, results)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown(timeout=5.0)
+            except Exception:  # interpreter shutdown: nothing left to clean up
+                pass
+
+
+def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}
+
+
+def add_result_columns(batch: pa.Table, results: list[RowResult]) -> pa.Table:
+    cols = {
+        "generated_text": [r.text for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "num_prompt_tokens": [r.num_prompt_tokens for r in results],
+        "num_generated_tokens": [r.num_generated_tokens for r in results],
+        "num_cached_tokens": [r.num_cached_tokens for r in results],
+        "error": [r.error for r in results],
+    }
+    for name, values in cols.items():
+        batch = batch.append_column(name, pa.array(values, OUTPUT_TYPES[name]))
+    return batch
+
+
+# --- postprocess ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PostprocessSpec:
+    id_column: str
+    carry_columns: tuple[str, ...]
+
+
+def postprocess_batch(batch: pa.Table, spec: PostprocessSpec) -> pa.Table:
+    """The output schema: id, carried input columns, result columns (internal `__` columns dropped)."""
+    keep = [spec.id_column] + [c for c in spec.carry_columns if c != spec.id_column] + list(OUTPUT_COLUMNS)
+    return batch.select(keep)
+
+
+def _error_kinds(errors: list[str | None]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for e in errors:
+        if e is not None:
+            k = error_kind(e)
+            kinds[k] = kinds.get(k, 0) + 1
+    return kinds
+
+
+def error_kind(message: str) -> str:
+    """'prompt too long: 9000 tokens ...' -> 'prompt too long'."""
+    return message.split(":", 1)[0].strip()

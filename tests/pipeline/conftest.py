@@ -1,0 +1,210 @@
+"""Fixtures for the batch pipeline tests: one local Ray cluster per session, a moto S3 server (a subprocess on a
+free 127.0.0.1 port) behind a TCP proxy that tests can stop to simulate an outage, and small prompt files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Credentials for moto; set before Ray starts so that workers inherit them too.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+VENV_BIN = Path(sys.executable).parent
+ENGINE_ACTOR_TITLE = "ray::MapWorker(MapBatches(EngineReplica))"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class TcpProxy:
+    """A loopback TCP proxy: `stop()` refuses new connections and cuts open ones (the store "goes away"),
+    `start()` brings it back on the same port, with the store's contents intact behind it."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(64)
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def stop(self) -> None:
+        srv, self._server = self._server, None
+        if srv is not None:
+            srv.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """(proxy, direct endpoint URL): jobs talk to `proxy` (endpoint `http://127.0.0.1:<proxy.port>`); tests inspect
+    the store directly through the second URL, which keeps working while the proxy is stopped."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        proxy = TcpProxy(port)
+        proxy.start()
+        yield proxy, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(moto_s3) -> str:
+    proxy, _ = moto_s3
+    return f"http://127.0.0.1:{proxy.port}"
+
+
+def s3fs_client(endpoint: str):
+    import s3fs
+
+    # No region here: an explicit us-east-1 makes bucket creation send a LocationConstraint moto rejects.
+    return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, use_listings_cache=False,
+                             skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def s3(moto_s3):
+    """An s3fs client that talks to moto directly (not through the proxy)."""
+    return s3fs_client(moto_s3[1])
+
+
+_bucket_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"test-{os.getpid()}-{next(_bucket_counter)}"
+    s3.mkdir(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (4 logical CPUs on the 2-core machine: the engine actors
+    take fractional CPUs so read/tokenize/write tasks always find room)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    # Left running for other test modules of the session; Ray shuts it down at exit.
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_checkpoint) -> Path:
+    return Path(tiny_checkpoint)
+
+
+def write_prompts(path, rows: dict[str, list], row_group_size: int | None = None, fs=None) -> None:
+    table = pa.table(rows)
+    if fs is None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=row_group_size)
+    else:
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size)
+
+
+def engine_actor_pids() -> list[int]:
+    """PIDs of this session's engine replica actors: children of our raylet whose title is the engine UDF."""
+    import ray
+
+    node = ray._private.worker._global_node
+    raylet_pid = node.all_processes["raylet"][0].process.pid
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != raylet_pid:
+                continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                title = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if title.startswith(ENGINE_ACTOR_TITLE):
+            pids.append(int(d))
+    return pids
