@@ -275,6 +275,13 @@ def _build_dataset(config, listing, read_columns, storage, tracker, id_column):
     use_gpu = _use_gpu(config)
     llm_kwargs = config.engine.llm_kwargs(config.tensor_parallel_size)
     llm_kwargs.setdefault("device", "cuda" if use_gpu else "cpu")
+    tp = config.tensor_parallel_size
+    if tp > 1:
+        # Rank 0 lives in the replica actor (one GPU); ranks 1..tp-1 are Ray actors that the executor places in a
+        # STRICT_PACK placement group on the replica's node, so a replica never spans nodes and Ray tears the
+        # workers down with the replica.
+        llm_kwargs.setdefault("executor", "pipeline.tp_ray:RayExecutor")
+    ray_executor = tp > 1 and str(llm_kwargs.get("executor")) == "pipeline.tp_ray:RayExecutor"
     engine = EngineSpec(
         model=config.model,
         storage=storage,
@@ -292,7 +299,7 @@ def _build_dataset(config, listing, read_columns, storage, tracker, id_column):
             size=config.num_replicas, max_concurrent_calls_per_actor=config.batches_in_flight
         ),
         num_cpus=config.replica_num_cpus,
-        num_gpus=config.tensor_parallel_size if use_gpu else 0,
+        num_gpus=(1 if ray_executor else tp) if use_gpu else 0,
         **({"memory": config.replica_memory} if config.replica_memory else {}),
     )
     carry = list(listing.schema.names) if config.carry_columns is None else list(config.carry_columns)

@@ -226,3 +226,18 @@ def test_replicas_take_a_gpu_each_when_the_cluster_has_gpus(ray_cluster, model_d
         want = llm.generate([llm.tokenizer.encode_prompt(p)], glm4.SamplingParams(temperature=0,
                                                                                  max_tokens=MAX_TOKENS))[0].text
         assert rows[f"in.parquet#{i}"]["generated_text"] == want
+
+
+def test_tensor_parallel_replica_through_ray_actors(ray_cluster, model_dir, reference, tmp_path):
+    """tp=2 replicas run rank 0 in the Ray Data actor and rank 1 in a Ray actor (pipeline.tp_ray.RayExecutor);
+    the outputs equal the single-device engine's."""
+    text_for, tok = reference
+    prompts = prompts_for(6)
+    write_prompts(tmp_path / "in" / "p.parquet", {"pid": [f"t{i}" for i in range(6)], "prompt": prompts})
+    cfg = make_config(tmp_path, input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(model_dir),
+                      prompt_column="prompt", id_column="pid", tensor_parallel_size=2, num_replicas=1)
+    summary = run_batch(cfg, progress=None)
+    assert summary["status"] == "succeeded", summary
+    rows = assert_exactly_once(read_output(str(tmp_path / "out" / "data")), "pid", [f"t{i}" for i in range(6)])
+    for i, p in enumerate(prompts):
+        assert rows[f"t{i}"]["generated_text"] == text_for(tok.encode_prompt(p)), f"row t{i}"
