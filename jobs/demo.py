@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import BatchJobConfig
 
     config = BatchJobConfig(input=str(prompts.parent), output=str(root / "results"), messages_column="messages",
-                            id_column="id", model=str(model), num_replicas=2,
+                            id_column="id", model=str(model), num_replicas=2, replica_num_cpus=0.5,
                             sampling={"temperature": 0.0, "max_tokens": args.max_tokens},
                             max_error_fraction=0.1)
     summary = run_batch(config)
