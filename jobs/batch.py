@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.demo_rows} demo prompts to {args.demo_input}")
         return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # botocore's DEBUG lines carry request headers (X-Amz-Security-Token, the access key id): never below INFO.
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.INFO))
     from pipeline.batch import EXIT_CONFIG, EXIT_FAILED, BatchJobError, run_batch
     from pipeline.io import InputError, ModelPathError, StorageError
 
