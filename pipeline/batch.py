@@ -289,6 +289,7 @@ def _build_dataset(config, listing, read_columns, storage, tracker, id_column):
         llm_kwargs=llm_kwargs,
         torch_threads=config.torch_threads,
         tracker=tracker,
+        max_engine_restarts=config.max_engine_restarts,
     )
     ds = ds.map_batches(
         EngineReplica,
@@ -352,6 +353,7 @@ class ProgressTracker:
         self.rows = self.errors = self.prompt_tokens = self.gen_tokens = 0
         self.kinds: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}
+        self.engine_deaths: dict[str, str] = {}
         self.t0 = time.time()
         self._metrics = _make_metrics()
 
@@ -370,6 +372,12 @@ class ProgressTracker:
             if gen_tokens:
                 m["tokens"].inc(gen_tokens)
             m["progress"].set(min(1.0, (self.done_before + self.rows) / max(self.total, 1)))
+
+    def engine_died(self, replica_id: str, error: str) -> int:
+        """A replica's engine died; return how many replica processes lost their engine in this job (the restart
+        budget). Keyed by replica process, so the several in-flight batches of one dead engine count once."""
+        self.engine_deaths.setdefault(replica_id, error)
+        return len(self.engine_deaths)
 
     def replica_stats(self, replica_id: str, stats: dict) -> None:
         self.replicas[replica_id] = stats

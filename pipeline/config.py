@@ -281,6 +281,9 @@ class BatchJobConfig(_Strict):
         default=64, ge=1, description="How many leading tokens define a row's prefix for prefix-aware ordering."
     )
     # --- reliability --------------------------------------------------------------------------------------------
+    max_engine_restarts: int = Field(
+        default=3, ge=0, description="How many times per job a replica whose engine died (e.g. a killed tensor-"
+        "parallel worker) is replaced by restarting its process; past it the job fails (a rerun resumes).")
     max_error_fraction: float = Field(
         default=0.0,
         ge=0.0,

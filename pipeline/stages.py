@@ -212,6 +212,7 @@ class EngineSpec:
     llm_kwargs: dict[str, Any]
     torch_threads: int | None = None
     tracker: Any = None  # ProgressTracker actor handle (optional)
+    max_engine_restarts: int = 3  # dead engines replaced by restarting the replica process, per job
 
 
 class EngineReplica:
@@ -220,8 +221,12 @@ class EngineReplica:
     `__call__` is async: Ray Data keeps several batches in flight per actor (async UDF concurrency plus
     `max_concurrent_calls_per_actor`), and every row of every in-flight batch is a request of the same
     `glm4.AsyncLLMEngine`. The engine's continuous batching therefore mixes rows across batches: a batch with
-    one long row holds only that row's sequence slot, never the replica. An engine that dies
-    (`EngineDeadError`) fails the batch and the job; a replica process that dies is restarted by Ray Data.
+    one long row holds only that row's sequence slot, never the replica. A replica process that dies is
+    restarted by Ray Data and its batches are retried. An engine that dies inside a live process
+    (`EngineDeadError`, e.g. a killed tensor-parallel worker) would fail every later row, so the replica exits
+    its process to be replaced the same way -- at most `max_engine_restarts` times per job (counted by the
+    tracker actor), after which the error propagates and the job fails cleanly instead of looping on a batch
+    that kills every engine.
     """
 
     def __init__(self, spec: EngineSpec):
@@ -237,6 +242,10 @@ class EngineReplica:
         t0 = time.perf_counter()
         self.engine = glm4.AsyncLLMEngine.from_pretrained(str(model_dir), **spec.llm_kwargs)
         self._params_cls = glm4.SamplingParams
+        from glm4.engine.async_engine import EngineDeadError
+
+        self._engine_dead = EngineDeadError
+        self.max_engine_restarts = spec.max_engine_restarts
         self.tracker = spec.tracker
         self.replica_id = f"{os.uname().nodename}:{os.getpid()}"
         logger.info("replica %s loaded %s in %.1fs", self.replica_id, spec.model, time.perf_counter() - t0)
@@ -253,9 +262,13 @@ class EngineReplica:
         prompts = batch[TOKEN_IDS].to_pylist()
         params = batch[PARAMS].to_pylist()
         todo = [i for i in range(n) if errors[i] is None]
-        done = await asyncio.gather(
-            *(self._generate(prompts[i], self._params_cls(**json.loads(params[i]))) for i in todo)
-        )
+        try:
+            done = await asyncio.gather(
+                *(self._generate(prompts[i], self._params_cls(**json.loads(params[i]))) for i in todo)
+            )
+        except self._engine_dead as e:
+            await self._replace_dead_engine(e)
+            raise
         results: list[RowResult] = [
             RowResult(
                 num_prompt_tokens=len(prompts[i]) if prompts[i] is not None else None,
@@ -278,6 +291,24 @@ class EngineReplica:
             )
             self.tracker.replica_stats.remote(self.replica_id, _scalar_stats(self.engine.stats()))
         return add_result_columns(batch, results)
+
+    async def _replace_dead_engine(self, error: BaseException) -> None:
+        """Exit the process (Ray Data restarts the actor and retries its batches) while the job's budget of engine
+        restarts lasts; past it, return so the caller re-raises and the job fails cleanly."""
+        deaths = self.max_engine_restarts + 1
+        if self.tracker is not None:
+            try:
+                deaths = await asyncio.wait_for(self.tracker.engine_died.remote(self.replica_id, repr(error)), 10)
+            except Exception:  # tracker unreachable: don't restart blindly
+                pass
+        if deaths <= self.max_engine_restarts:
+            logger.error("replica %s: engine died (%r); exiting so Ray Data replaces this replica "
+                         "(engine restart %d of at most %d)", self.replica_id, error, deaths, self.max_engine_restarts)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os._exit(1)
+        logger.error("replica %s: engine died (%r) and the job's %d engine restart(s) are used up; failing the job",
+                     self.replica_id, error, self.max_engine_restarts)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
