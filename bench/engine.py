@@ -84,6 +84,9 @@ def decode_bandwidth(model_dir: Path, steps: int) -> tuple[float, float, int]:
     llm = glm4.LLM(model_dir, max_num_seqs=1)
     model = llm.engine.executor.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_t = model.transformer.output_layer.weight_t  # on CPU the LM head is kept transposed, outside parameters()
+    if head_t is not None:
+        weight_bytes += head_t.numel() * head_t.element_size()
     # Per decode step every weight is read once, except the embedding table (one row).
     emb = model.transformer.embedding.word_embeddings.weight
     step_bytes = weight_bytes - emb.numel() * emb.element_size()
