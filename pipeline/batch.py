@@ -82,6 +82,14 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
     elif pio.exists(out_fs, success_path):
         manifest = json.loads(pio.read_text(out_fs, manifest_path) or "{}")
         say(f"[glm4-batch] {config.output} is already complete (_SUCCESS); nothing to do")
+        changed = changed_result_settings(manifest.get("config") or {}, config.redacted())
+        if changed:
+            # Same output prefix, different job: the existing results are NOT what this config would produce.
+            warning = (f"[glm4-batch] WARNING: the finished run in {config.output} used different settings "
+                       f"({', '.join(changed)}); its results were kept. Use --overwrite or a new output prefix "
+                       "to run this config.")
+            say(warning)
+            logger.warning(warning)
         return _summary(manifest, status="skipped", exit_code=EXIT_OK)
 
     listing = pio.list_input_files(config.input, storage)
@@ -141,6 +149,23 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
                        exit_code=EXIT_OK if ok else manifest.get("exit_code", EXIT_FAILED))
     say(_final_line(summary))
     return summary
+
+
+# Settings that change what a row's result is (not how fast or where it runs).
+RESULT_SETTINGS = ("input", "model", "prompt_column", "messages_column", "id_column", "sampling_params_column",
+                   "sampling", "engine.dtype", "engine.max_model_len", "engine.seed")
+
+
+def changed_result_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Which RESULT_SETTINGS differ between a finished run's manifest config and this job's (redacted) config."""
+    def get(d: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    if not old:
+        return []
+    return [k for k in RESULT_SETTINGS if get(old, k) != get(new, k)]
 
 
 PENDING_SUFFIX = ".pending.parquet"

@@ -145,3 +145,16 @@ def test_uri_credentials_are_redacted():
     assert redact_uri("s3://bucket/key") == "s3://bucket/key"
     c = BatchJobConfig(**{**BASE, "storage": {"endpoint_url": "http://u:p@minio:9000"}})
     assert c.redacted()["storage"]["endpoint_url"] == "http://***@minio:9000"
+
+
+def test_changed_result_settings_are_named():
+    """A rerun over a finished output with another config keeps the old results; the job must say so."""
+    from pipeline.batch import changed_result_settings
+
+    old = {"input": "s3://b/in", "model": "m", "sampling": {"temperature": 0.0, "max_tokens": 16},
+           "engine": {"dtype": None, "seed": 0}, "num_replicas": 2}
+    same_results = {**old, "num_replicas": 8}  # more replicas: same results
+    assert changed_result_settings(old, same_results) == []
+    new = {**old, "sampling": {"temperature": 0.7, "max_tokens": 16}, "engine": {"dtype": "bfloat16", "seed": 0}}
+    assert changed_result_settings(old, new) == ["sampling", "engine.dtype"]
+    assert changed_result_settings({}, new) == []  # no manifest config to compare with
