@@ -96,6 +96,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
     id_column = config.output_id_column
     read_columns = _check_columns(config, listing.schema)
     input_ids = _input_ids(config, listing)
+    _settle_after_failed_run(config, out_fs, data_path, ckpt_fs, ckpt_path)
     _drop_half_committed_markers(ckpt_fs, ckpt_path)
     ckpt_files = [p for p in pio.list_files(ckpt_fs, ckpt_path, ".parquet") if not p.endswith(PENDING_SUFFIX)]
     if not ckpt_files and pio.list_files(out_fs, data_path, ".parquet"):
@@ -123,6 +124,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         ds = _build_dataset(config, listing, read_columns, storage, tracker, id_column)
         _write(ds, config, out_fs, data_path, ckpt_fs, ckpt_path, id_column)
     except Exception as e:
+        _FAILED_RUNS[config.output] = time.monotonic()
         if pio.is_storage_exception(e):
             raise pio.StorageError(
                 f"storage failed during the run ({pio.describe_storage_exception(e)}); no _SUCCESS was written, "
@@ -149,6 +151,39 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
                        exit_code=EXIT_OK if ok else manifest.get("exit_code", EXIT_FAILED))
     say(_final_line(summary))
     return summary
+
+
+# Outputs whose execution failed in THIS process (output uri -> when). Tasks of a failed execution die with their
+# owner only when the driver process exits; in a long-lived process (a service calling run_batch, the tests) a
+# Write task of the failed attempt can still finish its data write or checkpoint commit while the rerun's
+# checkpoint recovery is deleting "uncommitted" data, losing rows. A rerun in the same process therefore first
+# waits for the output to stop changing.
+_FAILED_RUNS: dict[str, float] = {}
+SETTLE_QUIET_S = 10.0
+SETTLE_TIMEOUT_S = 180.0
+
+
+def _settle_after_failed_run(config: BatchJobConfig, out_fs, data_path: str, ckpt_fs, ckpt_path: str) -> None:
+    if _FAILED_RUNS.pop(config.output, None) is None:
+        return
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last: list[str] | None = None
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            for fs in (ckpt_fs, out_fs):
+                fs.invalidate_cache()  # s3fs caches listings; we need to see the other attempt's writes
+            snapshot = sorted(pio.list_files(ckpt_fs, ckpt_path, ".parquet") + pio.list_files(out_fs, data_path,
+                                                                                                ".parquet"))
+        except pio.StorageError:
+            snapshot = None  # store still unreachable: keep waiting, recovery would fail anyway
+        if snapshot is None or snapshot != last:
+            last, quiet_since = snapshot, time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLE_QUIET_S:
+            return
+        time.sleep(1.0)
+    logger.warning("output %s kept changing for %.0fs after the failed run; resuming anyway", config.output,
+                   SETTLE_TIMEOUT_S)
 
 
 # Settings that change what a row's result is (not how fast or where it runs).
