@@ -18,10 +18,10 @@ from torch import nn
 from glm4.config import GLM4Config
 from glm4.layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
 from glm4.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from glm4.layers.linear import QKVParallelLinear, RowParallelLinear
+from glm4.layers.linear import PackableLinear, QKVParallelLinear, RowParallelLinear
 from glm4.layers.mlp import MLP
 from glm4.layers.norm import RMSNorm
-from glm4.layers.rotary import RotaryEmbedding
+from glm4.layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,32 +44,31 @@ class SelfAttention(nn.Module):
         self.query_key_value = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
                                                  config.num_kv_heads, config.add_qkv_bias, dtype=dtype, **tp.kw())
         self.dense = RowParallelLinear(config.q_size, config.hidden_size, dtype=dtype, **tp.kw())
-        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_dim, config.rope_theta,
-                                      config.max_position_embeddings)
         self.num_heads = self.query_key_value.num_heads  # per rank
         self.num_kv_heads = self.query_key_value.num_kv_heads  # per rank (after replication)
-        self.head_dim = config.head_dim
+        self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
         self.scale = config.head_dim ** -0.5
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.query_key_value(x)
-        q, k, v = qkv.split([self.query_key_value.q_size, self.query_key_value.kv_size,
-                             self.query_key_value.kv_size], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (..., tokens, heads, head_dim)
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return self.rotary(positions, q), self.rotary(positions, k), v
+        proj = self.query_key_value
+        qk, v = qkv.split([proj.q_size + proj.kv_size, proj.kv_size], dim=-1)
+        # q and k heads side by side (..., tokens, heads + kv_heads, head_dim): one rotary pass for both.
+        qk = apply_rotary(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), cos_sin,
+                          self.rotary_dim)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+        return q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: (batch, seq, hidden), causal over the whole sequence."""
-        positions = torch.arange(x.shape[1], device=x.device)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, cos_sin)
         return self.dense(causal_attention(q, k, v, self.scale).flatten(-2))
 
-    def forward_cached(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def forward_cached(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                        kv_cache: KVCache) -> torch.Tensor:
         """x: (num_tokens, hidden) flattened over the batch; K/V go to the paged cache first."""
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, cos_sin)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.dense(out.flatten(-2))
@@ -83,10 +82,14 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, dtype=dtype, **tp.kw())
 
-    def forward(self, h: torch.Tensor, attn=None) -> torch.Tensor:
-        """Pre-norm residual block; `attn` computes attention on the normed input (full or cached)."""
+    def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Pre-norm residual block: full causal attention, or over the paged cache when `meta` is given."""
         x = self.input_layernorm(h)
-        h = h + (attn(x) if attn is not None else self.self_attention(x))
+        if meta is None:
+            h = h + self.self_attention(x, cos_sin)
+        else:
+            h = h + self.self_attention.forward_cached(x, cos_sin, meta, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -110,6 +113,9 @@ class ChatGLMModel(nn.Module):
     def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.embedding = Embedding(config, tp, dtype)
+        # One cos/sin table for all layers (the original checkpoint's `transformer.rotary_pos_emb.inv_freq` is
+        # recomputed here, not loaded).
+        self.rotary_pos_emb = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.max_position_embeddings)
         self.encoder = Encoder(config, tp, dtype)
         self.output_layer = ParallelLMHead(config.vocab_size, config.hidden_size, dtype=dtype, **tp.kw())
 
@@ -126,6 +132,11 @@ class GLM4ForCausalLM(nn.Module):
     def num_kv_heads_per_rank(self) -> int:
         return self.transformer.encoder.layers[0].self_attention.num_kv_heads
 
+    def pack_for_cpu(self) -> int:
+        """Pack every linear weight for oneDNN (CPU inference; see glm4/layers/onednn.py). Call after loading;
+        returns how many weights were packed (0 off-CPU or without oneDNN)."""
+        return sum(m.pack_for_cpu() for m in self.modules() if isinstance(m, PackableLinear))
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab), full causal forward without a cache."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
@@ -133,8 +144,9 @@ class GLM4ForCausalLM(nn.Module):
                              f"{self.config.max_position_embeddings}")
         t = self.transformer
         h = t.embedding(input_ids)
+        cos_sin = self.transformer.rotary_pos_emb.cos_sin(torch.arange(input_ids.shape[1], device=input_ids.device), h.dtype)
         for layer in t.encoder.layers:
-            h = layer(h)
+            h = layer(h, cos_sin)
         return t.output_layer(t.encoder.final_layernorm(h))
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -142,8 +154,9 @@ class GLM4ForCausalLM(nn.Module):
         """input_ids, positions: (num_tokens,) flattened over the batch -> final-normed hidden (num_tokens, H)."""
         t = self.transformer
         h = t.embedding(input_ids)
+        cos_sin = self.transformer.rotary_pos_emb.cos_sin(positions, h.dtype)
         for layer, kv in zip(t.encoder.layers, kv_caches):
-            h = layer(h, lambda x, layer=layer, kv=kv: layer.self_attention.forward_cached(x, positions, meta, kv))
+            h = layer(h, cos_sin, meta, kv)
         return t.encoder.final_layernorm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,8 @@ class ModelRunner:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         self.config: GLM4Config = self.model.config
         if self.device.type == "cpu":
-            self.model.transformer.output_layer.use_transposed_weight()
+            packed = self.model.pack_for_cpu()
+            logger.debug("packed %d linear weights for oneDNN", packed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
 

@@ -116,14 +116,13 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
         n, vocab = logits.shape
         dev = logits.device
-        mask_vocab = self.vocab_size is not None and self.vocab_size < vocab
+        if self.vocab_size is not None and self.vocab_size < vocab:
+            logits = logits[:, :self.vocab_size]  # a view: the padding ids are no token and are never drawn
         # Copy only when something below edits logits in place (the all-greedy, no-penalty case skips it).
-        if mask_vocab or any(_needs_min_tokens_mask(s) or _has_penalty(s) for s in seqs):
+        if any(_needs_min_tokens_mask(s) or _has_penalty(s) for s in seqs):
             logits = logits.float().clone(memory_format=torch.contiguous_format)
         else:
             logits = logits.float()
-        if mask_vocab:
-            logits[:, self.vocab_size:] = float("-inf")
 
         lp_rows = _rows(seqs, lambda s: s.params.logprobs is not None)
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None

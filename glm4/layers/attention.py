@@ -11,6 +11,7 @@ i.e. at flat slot `block_id * block_size + offset`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,31 @@ class AttentionMetadata:
         # Decode rows (one new token) are attended together in one batched call; the rest one by one.
         self.decode_idx = [i for i, n in enumerate(self.query_lens) if n == 1]
         self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
+        # Everything below depends on lengths only, not on the layer: built once per step, not once per layer.
+        self._grouped_masks: dict[tuple[str, int], torch.Tensor] = {}  # grouped_mask's memo
+        if self.decode_idx:
+            self._plan_decode()
+
+    def _plan_decode(self) -> None:
+        dev, idx = self.block_tables.device, self.decode_idx
+        all_decode = len(idx) == len(self.query_lens)  # pure decode step: row i is sequence i
+        self.decode_rows = None if all_decode else torch.tensor([self.query_starts[i] for i in idx], device=dev)
+        self.decode_max_len = max(self.context_lens_list[i] for i in idx)
+        tables = self.block_tables if all_decode else self.block_tables[idx]
+        # Only the blocks that hold one of these rows' keys: the table width is the whole batch's longest row.
+        self.decode_tables = tables[:, :-(-self.decode_max_len // self.block_size)]
+        lens = self.context_lens if all_decode else self.context_lens[idx]
+        self.decode_mask = torch.arange(self.decode_max_len, device=dev)[None, :] < lens[:, None]  # (n, max_len)
+
+    def grouped_mask(self, key: str, group: int, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The (B, Lq, Lk) mask made by `build`, repeated for the `group` query heads folded into the query axis
+        (see `_grouped_attention`); built at the first layer of a step and reused by the others."""
+        k = (key, group)
+        if k not in self._grouped_masks:
+            mask = build()
+            b, lq, lk = mask.shape
+            self._grouped_masks[k] = mask.unsqueeze(1).expand(b, group, lq, lk).reshape(b, 1, group * lq, lk)
+        return self._grouped_masks[k]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -70,7 +96,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        scale: float) -> torch.Tensor:
-    """Masked GQA attention. q: (B, H, Lq, D); k, v: (B, KVH, Lk, D); mask: (B, Lq, Lk) bool -> (B, H, Lq, D).
+    """Masked GQA attention. q: (B, H, Lq, D); k, v: (B, KVH, Lk, D); mask: (B, 1, G*Lq, Lk) bool, the (B, Lq, Lk)
+    mask repeated for the G = H // KVH heads of a group (`AttentionMetadata.grouped_mask`) -> (B, H, Lq, D).
 
     Query head h reads KV head h // G (G = H // KVH, heads of a group are consecutive), so the G query heads of
     a group are folded into the query-length axis and attend to their one KV head directly. Same math as SDPA's
@@ -81,28 +108,28 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     kvh = k.shape[1]
     g = h // kvh
     qg = q.reshape(b, kvh, g * lq, d)  # (B, KVH, G*Lq, D): query heads of one group, one after another
-    m = mask.unsqueeze(1).expand(b, g, lq, mask.shape[-1]).reshape(b, 1, g * lq, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, lq, d)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
-    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
     if meta.decode_idx:
-        idx = meta.decode_idx
-        rows = torch.tensor([meta.query_starts[i] for i in idx], device=q.device)
-        lens = meta.context_lens[idx]
-        max_len = max(meta.context_lens_list[i] for i in idx)
-        keys = _gather(k_cache, meta.block_tables[idx], max_len)
-        vals = _gather(v_cache, meta.block_tables[idx], max_len)
         # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
         # that 0 * NaN could leak into other rows.
-        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # (n, max_len)
-        o = _grouped_attention(q[rows].unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
-                               mask[:, None, :], scale)
-        out[rows] = o.squeeze(2)
+        keys = _gather(k_cache, meta.decode_tables, meta.decode_max_len)
+        vals = _gather(v_cache, meta.decode_tables, meta.decode_max_len)
+        qd = q if meta.decode_rows is None else q[meta.decode_rows]
+        mask = meta.grouped_mask("decode", group, lambda: meta.decode_mask[:, None, :])
+        o = _grouped_attention(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, scale).squeeze(2)
+        if meta.decode_rows is None:
+            return o
+        out = torch.empty_like(q)
+        out[meta.decode_rows] = o
+    else:
+        out = torch.empty_like(q)
     for i in meta.prefill_idx:
         s, e = meta.query_starts[i], meta.query_starts[i + 1]
         ctx, ql = meta.context_lens_list[i], e - s
@@ -113,8 +140,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if ctx == ql:  # no cached prefix: plain causal
             o = F.scaled_dot_product_attention(qi, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         else:  # query j sits at position ctx - ql + j and sees keys 0..that position
-            qpos = torch.arange(ctx - ql, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-            o = _grouped_attention(qi, kt, vt, mask[None], scale)
+            def build(ctx: int = ctx, ql: int = ql) -> torch.Tensor:
+                qpos = torch.arange(ctx - ql, ctx, device=q.device)
+                return (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None]
+
+            o = _grouped_attention(qi, kt, vt, meta.grouped_mask(f"prefill{i}", group, build), scale)
         out[s:e] = o[0].transpose(0, 1)
     return out

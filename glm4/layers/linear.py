@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from glm4.layers import onednn
+
 
 class WeightSource(Protocol):
     """A checkpoint tensor that can be read in slices without materialising all of it."""
@@ -58,7 +60,30 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-class ColumnParallelLinear(nn.Module):
+class PackableLinear(nn.Module):
+    """Base of the layers whose local math is y = x W^T (+ b). On CPU the runner packs W for oneDNN once the
+    weights are loaded (`pack_for_cpu`); the dense parameter is then emptied, so the model holds one copy."""
+
+    weight: nn.Parameter
+    packed_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Replace the dense weight by its oneDNN-packed copy; False where that is not possible (non-CPU device,
+        dtype, PyTorch build). Irreversible: call after loading weights."""
+        if self.packed_weight is not None or not onednn.can_pack(self.weight):
+            return False
+        self.packed_weight = onednn.pack(self.weight)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return True
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "bias", None)  # only column-parallel layers (QKV) have one
+        if self.packed_weight is not None:
+            return onednn.linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(PackableLinear):
     """y = x W^T (+ b) with W's output rows split across ranks; the output stays sharded."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, tp_rank: int = 0, tp_size: int = 1,
@@ -83,7 +108,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, src.read(rows=self._rows()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -151,7 +176,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _copy(param.data[n:], up)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """y = x W^T with W's input columns split across ranks; partial sums are all-reduced here."""
 
     def __init__(self, in_features: int, out_features: int, *, tp_rank: int = 0, tp_size: int = 1,
@@ -169,7 +194,7 @@ class RowParallelLinear(nn.Module):
         _copy(param, src.read(cols=(c0, c0 + self.in_features)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x)
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         return y

@@ -15,9 +15,8 @@ class RotaryEmbedding(nn.Module):
     materialising it with `to_empty` never leaves it uninitialised.
     """
 
-    def __init__(self, head_dim: int, rotary_dim: int, theta: float, max_position: int) -> None:
+    def __init__(self, rotary_dim: int, theta: float, max_position: int) -> None:
         super().__init__()
-        self.head_dim = head_dim
         self.rotary_dim = rotary_dim
         self.theta = theta
         self.max_position = max_position
@@ -33,17 +32,22 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = (ang.cos().to(dtype), ang.sin().to(dtype))
         return self._cache[key]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., num_tokens, num_heads, head_dim) with positions broadcastable to (..., num_tokens).
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the table for `positions` (..., num_tokens), shaped to broadcast over heads. Every layer uses
+        the same rows, so the model looks them up once per forward and passes them down.
 
-        Positions must be < max_position (checked once per forward by the caller, not here: a check per layer
-        would force a device sync per layer on CUDA)."""
-        cos, sin = self._table(x.device, x.dtype)
-        c = cos[positions].unsqueeze(-2)  # (..., num_tokens, 1, rotary_dim // 2)
-        s = sin[positions].unsqueeze(-2)
-        rot = x[..., : self.rotary_dim].unflatten(-1, (-1, 2))
-        x0, x1 = rot[..., 0], rot[..., 1]
-        out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
-        if self.rotary_dim == self.head_dim:
-            return out
-        return torch.cat((out, x[..., self.rotary_dim:]), dim=-1)
+        Positions must be < max_position (checked once per forward by the caller: a check here would force a
+        device sync on CUDA)."""
+        cos, sin = self._table(positions.device, dtype)
+        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)  # (..., num_tokens, 1, rotary_dim // 2)
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], rotary_dim: int) -> torch.Tensor:
+    """x: (..., num_tokens, num_heads, head_dim) with `cos_sin` from `RotaryEmbedding.cos_sin`; out of place."""
+    c, s = cos_sin
+    rot = x[..., :rotary_dim].unflatten(-1, (-1, 2))
+    x0, x1 = rot[..., 0], rot[..., 1]
+    out = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    if rotary_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
