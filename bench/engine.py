@@ -8,8 +8,8 @@ bandwidth vs the machine's measured memory bandwidth. Prints one table. Not a te
     systems generate exactly the same number of tokens); a quarter share a long common prefix. The baseline is
     transformers' GlmForCausalLM.generate on the same weights, in batches of --hf-batch prompts, left-padded,
     each batch running until its longest output is done (the static batching users of `generate` get).
-(b) Batch-1 decode: weight bytes read per decode step x steps/s, over the read bandwidth of a large
-    `torch.sum` measured in the same run.
+(b) Batch-1 decode: weight bytes read per decode step x steps/s (best of 3 runs), over the read bandwidth of a
+    large `torch.sum` (best of 5, measured before and after the decode runs).
 """
 
 from __future__ import annotations
@@ -82,19 +82,18 @@ def run_hf(model_dir: Path, prompts, outs, batch: int) -> tuple[float, int]:
 
 def decode_bandwidth(model_dir: Path, steps: int) -> tuple[float, float, int]:
     llm = glm4.LLM(model_dir, max_num_seqs=1)
-    model = llm.engine.executor.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_t = model.transformer.output_layer.weight_t  # on CPU the LM head is kept transposed, outside parameters()
-    if head_t is not None:
-        weight_bytes += head_t.numel() * head_t.element_size()
-    # Per decode step every weight is read once, except the embedding table (one row).
-    emb = model.transformer.embedding.word_embeddings.weight
-    step_bytes = weight_bytes - emb.numel() * emb.element_size()
+    cfg = llm.engine.executor.runner.model.config
+    elem = torch.empty((), dtype=llm.engine.executor.runner.dtype).element_size()
+    # Per decode step every weight is read once, except the embedding table (one row). Counted from the config:
+    # on CPU the runner keeps the linears in oneDNN's packed form, outside `parameters()`.
+    step_bytes = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * elem
     params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    t = time.perf_counter()
-    llm.generate([[5, 6, 7, 8]], params)
-    dt = time.perf_counter() - t
+    dt = float("inf")
+    for _ in range(3):  # best of 3, as the bandwidth baseline is a best of 5
+        t = time.perf_counter()
+        llm.generate([[5, 6, 7, 8]], params)
+        dt = min(dt, time.perf_counter() - t)
     return steps / dt, step_bytes * steps / dt, step_bytes
 
 
@@ -121,8 +120,10 @@ def main() -> int:
 
     ours_dt, ours_tok = run_ours(model_dir, prompts, outs, args.max_num_seqs)
     hf_dt, hf_tok = run_hf(model_dir, prompts, outs, args.hf_batch)
-    steps_s, achieved, step_bytes = decode_bandwidth(model_dir, 16 if args.quick else args.decode_steps)
+    # The machine is shared and its bandwidth drifts: measure it on both sides of the decode run, keep the best.
     bw = measure_bandwidth()
+    steps_s, achieved, step_bytes = decode_bandwidth(model_dir, 16 if args.quick else args.decode_steps)
+    bw = max(bw, measure_bandwidth())
 
     rows = [
         ("(a) mixed workload, output tok/s", f"{hf_tok / hf_dt:.1f} (HF generate, batch {args.hf_batch})",
