@@ -66,15 +66,29 @@ def main() -> int:
         return [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(n)]
 
     rows = []
+    runner = getattr(llm.engine.executor, "runner", None)  # tp=1: the in-process runner
+    if args.smoke and runner is not None:
+        runner.capture_decode_graphs(8, emulate=True)  # CPU: the graph code path without CUDA
+    graphs = runner.decode_graphs if runner is not None else None
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     llm.generate(prompts(1), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
-    t = time.perf_counter()
-    llm.generate(prompts(1), params)
-    dt = time.perf_counter() - t
-    tok_s = args.decode_tokens / dt
+
+    def decode_tok_s() -> float:
+        t = time.perf_counter()
+        llm.generate(prompts(1), params)
+        return args.decode_tokens / (time.perf_counter() - t)
+
+    tok_s = decode_tok_s()
     bound = f"{bound_bw / weight_bytes:.0f} tok/s bound" if bound_bw else "n/a"
     ratio = f"{tok_s / (bound_bw / weight_bytes):.0%}" if bound_bw else ""
-    rows.append(("batch-1 decode", f"{tok_s:.1f} tok/s", bound, ratio))
+    mode = "eager" if graphs is None else "graphs, emulated on CPU" if args.smoke else "CUDA graphs"
+    rows.append((f"batch-1 decode ({mode})", f"{tok_s:.1f} tok/s", bound, ratio))
+    if graphs is not None:  # the same engine with its graphs switched off: what the graphs are worth
+        runner.decode_graphs = None
+        eager = decode_tok_s()
+        runner.decode_graphs = graphs
+        rows.append(("batch-1 decode (eager)", f"{eager:.1f} tok/s", bound,
+                     f"{eager / (bound_bw / weight_bytes):.0%}" if bound_bw else f"graphs {tok_s / eager:.2f}x"))
     for c in args.concurrency:
         ps = prompts(c)
         t = time.perf_counter()

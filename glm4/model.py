@@ -49,8 +49,9 @@ class SelfAttention(nn.Module):
         self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
         self.scale = config.head_dim ** -0.5
 
-    def _qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (..., tokens, hidden) -> rotated q (..., tokens, heads, head_dim), rotated k and v (kv_heads)."""
         qkv = self.query_key_value(x)
         proj = self.query_key_value
         qk, v = qkv.split([proj.q_size + proj.kv_size, proj.kv_size], dim=-1)
@@ -60,21 +61,22 @@ class SelfAttention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         return q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (batch, seq, hidden), causal over the whole sequence."""
-        q, k, v = self._qkv(x, cos_sin)
-        return self.dense(causal_attention(q, k, v, self.scale).flatten(-2))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None = None,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Attention core, before the output projection -> (..., tokens, heads * head_dim).
 
-    def forward_cached(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                       kv_cache: KVCache) -> torch.Tensor:
-        """x: (num_tokens, hidden) flattened over the batch; K/V go to the paged cache first."""
-        q, k, v = self._qkv(x, cos_sin)
+        Without `meta`: causal over (batch, seq). With it: the flattened batch's K/V go to the paged cache first,
+        then each token attends to its sequence's cached prefix."""
+        if meta is None:
+            return causal_attention(q, k, v, self.scale).flatten(-2)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.dense(out.flatten(-2))
+        return paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale).flatten(-2)
 
 
 class GLMBlock(nn.Module):
+    """Pre-norm residual block, in two halves around the attention core so that the engine can replay the
+    halves from CUDA graphs while attention over the paged cache runs eagerly (glm4/engine/cuda_graphs.py)."""
+
     def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
@@ -82,15 +84,19 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config.hidden_size, config.ffn_hidden_size, dtype=dtype, **tp.kw())
 
+    def pre_attention(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attention.qkv(self.input_layernorm(h), cos_sin)
+
+    def post_attention(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attention.dense(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Pre-norm residual block: full causal attention, or over the paged cache when `meta` is given."""
-        x = self.input_layernorm(h)
-        if meta is None:
-            h = h + self.self_attention(x, cos_sin)
-        else:
-            h = h + self.self_attention.forward_cached(x, cos_sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """Full causal attention over (batch, seq), or over the paged cache when `meta` is given."""
+        q, k, v = self.pre_attention(h, cos_sin)
+        return self.post_attention(h, self.self_attention.attend(q, k, v, meta, kv_cache))
 
 
 class Embedding(nn.Module):
@@ -144,7 +150,7 @@ class GLM4ForCausalLM(nn.Module):
                              f"{self.config.max_position_embeddings}")
         t = self.transformer
         h = t.embedding(input_ids)
-        cos_sin = self.transformer.rotary_pos_emb.cos_sin(torch.arange(input_ids.shape[1], device=input_ids.device), h.dtype)
+        cos_sin = t.rotary_pos_emb.cos_sin(torch.arange(input_ids.shape[1], device=input_ids.device), h.dtype)
         for layer in t.encoder.layers:
             h = layer(h, cos_sin)
         return t.output_layer(t.encoder.final_layernorm(h))
@@ -154,7 +160,7 @@ class GLM4ForCausalLM(nn.Module):
         """input_ids, positions: (num_tokens,) flattened over the batch -> final-normed hidden (num_tokens, H)."""
         t = self.transformer
         h = t.embedding(input_ids)
-        cos_sin = self.transformer.rotary_pos_emb.cos_sin(positions, h.dtype)
+        cos_sin = t.rotary_pos_emb.cos_sin(positions, h.dtype)
         for layer, kv in zip(t.encoder.layers, kv_caches):
             h = layer(h, cos_sin, meta, kv)
         return t.encoder.final_layernorm(h)

@@ -30,6 +30,7 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     load_format: str = "safetensors"  # "dummy": random weights of config.json's shape, for benchmarks only
+    enforce_eager: bool = False  # True: never capture CUDA graphs for decode steps (CUDA, tp=1 captures by default)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -65,5 +66,6 @@ class EngineConfig:
              f"scheduling_policy must be one of {POLICIES}, got {self.scheduling_policy!r}")
         need(self.load_format in ("safetensors", "dummy"),
              f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        need(isinstance(self.enforce_eager, bool), f"enforce_eager must be True or False, got {self.enforce_eager!r}")
         need(self.worker_timeout_s > 0, f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
         return self

@@ -43,6 +43,7 @@ class ExecutorSpec:
     startup_timeout_s: float = 600.0
     master_port: int | None = None  # None: pick a free port
     load_format: str = "safetensors"  # or "dummy": random weights of config.json's shape (benchmarks)
+    cuda_graph_max_batch: int = 0  # capture decode CUDA graphs up to this batch (0: never; CUDA, tp=1 only)
 
 
 class Executor(ABC):
@@ -75,6 +76,7 @@ class UniProcExecutor(Executor):
         self._adopt_runner(runner, spec)
         self.num_blocks = runner.num_blocks_for_budget(spec.kv_cache_memory, spec.block_size, spec.max_blocks_needed)
         runner.allocate_kv_cache(self.num_blocks, spec.block_size)
+        runner.capture_decode_graphs(spec.cuda_graph_max_batch)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         return self.runner.run(inputs)

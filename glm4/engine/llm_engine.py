@@ -28,6 +28,9 @@ from glm4.engine.sampling_params import SamplingParams
 from glm4.engine.scheduler import Scheduler
 from glm4.engine.sequence import Sequence
 
+# Decode batches above this run eagerly: graphs pay off where launch overhead rivals the step's GPU time.
+MAX_GRAPH_BATCH = 256
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,7 +71,8 @@ class LLMEngine:
             kv_cache_memory=config.kv_cache_memory,
             max_blocks_needed=max_blocks_needed(config.max_num_seqs, self.max_model_len, config.block_size),
             worker_timeout_s=config.worker_timeout_s, master_addr=config.master_addr, master_port=config.master_port,
-            load_format=config.load_format, startup_timeout_s=config.startup_timeout_s)
+            load_format=config.load_format, startup_timeout_s=config.startup_timeout_s,
+            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, MAX_GRAPH_BATCH))
         self.executor: Executor = resolve_executor_class(config.executor, config.tensor_parallel_size)(spec)
         self.scheduler = Scheduler(
             num_blocks=self.executor.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from glm4.config import GLM4Config
+from glm4.engine.cuda_graphs import DecodeGraphs
 from glm4.engine.scheduler import SchedulerOutput
 from glm4.layers.attention import AttentionMetadata
 from glm4.weights import default_dtype, load_model
@@ -123,6 +124,20 @@ class ModelRunner:
             logger.debug("packed %d linear weights for oneDNN", packed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, *, emulate: bool = False) -> bool:
+        """CUDA graphs for pure decode steps of up to `max_batch` sequences (see glm4/engine/cuda_graphs.py).
+        CUDA with tensor_parallel_size=1 only for now (NCCL inside graphs is untested here); elsewhere, and if
+        capture fails, steps run eagerly. `emulate` builds the same segments without CUDA (tests)."""
+        if max_batch < 1 or not (emulate or (self.device.type == "cuda" and self.tp_size == 1)):
+            return False
+        try:
+            self.decode_graphs = DecodeGraphs(self.model, max_batch, emulate=emulate)
+        except Exception:  # a graph that cannot be captured costs speed, never the engine
+            logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+            self.decode_graphs = None
+        return self.decode_graphs is not None
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -177,6 +192,9 @@ class ModelRunner:
             context_lens_list=inputs.context_lens.tolist(),
             block_size=self.block_size,
         )
+        if self.decode_graphs is not None and self.decode_graphs.handles(meta, inputs.logits_indices.numel()):
+            return self.decode_graphs.run(inputs.input_ids.to(dev, non_blocking=True),
+                                          inputs.positions.to(dev, non_blocking=True), meta, self.kv_caches)
         hidden = self.model.forward_cached(inputs.input_ids.to(dev, non_blocking=True),
                                            inputs.positions.to(dev, non_blocking=True), meta, self.kv_caches)
         return self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])
