@@ -6,16 +6,19 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`
 Design choices (the weak points of the field this is built against):
 - **One deployment, no extra hop.** The ingress and the engine live in the same replica, so a token goes engine ->
   SSE frame -> Serve proxy, with no second deployment call (Serve LLM's router->server hop is a known overhead).
-- **Bounded admission, 429 at once.** Each replica admits ``max_ongoing_requests`` requests into the engine and lets
-  at most ``max_queued_requests`` more wait; past that a request gets 429 with ``Retry-After`` and OpenAI's error
-  body straight away. Serve's own per-replica limit is set above ours (so the replica decides, not a proxy queue),
-  and Serve's proxy queue is bounded too, answering 429 + Retry-After as a second line (Serve's
-  ``BackpressureConfig``).
+- **Bounded admission, 429 at once.** A replica admits a bounded number of requests and refuses the rest with 429
+  and ``Retry-After`` straight away (``admission``); Serve's own limits sit above it, its proxy queue bounded as a
+  second line (``config.deployment_options``).
 - **Cancellation.** When a client disconnects, Serve cancels the request's task; our cleanup aborts every engine
   request of that HTTP request, which frees its KV blocks at once (observable in ``/admin/stats``).
 - **Never a 500 for bad input.** The body is parsed and type-checked in one strict pydantic pass; JSON errors,
   types, unknown models, prompts over the context and max_tokens over the limit are 4xx with
-  ``{"error": {"message", "type", "param", "code"}}``.
+  ``{"error": {"message", "type", "param", "code"}}`` (``responses``).
+
+This module is the deployment (:class:`GLM4Server`: validation, engine I/O, response bodies and streams) and the app
+builder. Its parts live next to it in ``pipeline.serve``: ``config`` (:class:`ServeArgs`, Serve deployment options),
+``admission``, ``engine`` (loading the engine), ``logprobs``, ``metrics``, ``responses`` (JSON/SSE bodies, error
+handlers) and ``protocol`` (the OpenAI request models).
 
 ``build_app(args)`` is the Serve app builder (``import_path: pipeline.serve.app:build_app``); ``args`` are validated
 by :class:`ServeArgs` with unknown keys rejected.
@@ -25,26 +28,31 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib
-import json
 import logging
-import math
 import os
 import time
 import uuid
-from collections import deque
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from ray import serve
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from ray.exceptions import TaskCancelledError as _RayTaskCancelled
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
+from pipeline.serve.admission import Admission, Overloaded
+from pipeline.serve.config import (
+    API_KEY_ENV,
+    DEFAULT_ENGINE_CLS,
+    DEFAULT_TP_EXECUTOR,
+    DEPLOYMENT_NAME,
+    ServeArgs,
+    deployment_options,
+)
+from pipeline.serve.engine import engine_max_model_len, engine_tokenizer, load_engine
+from pipeline.serve.logprobs import LogprobFormatter
+from pipeline.serve.metrics import ServeMetrics
 from pipeline.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -52,368 +60,29 @@ from pipeline.serve.protocol import (
     error_body,
     validation_error_to_api_error,
 )
+from pipeline.serve.responses import (
+    SSE_DONE,
+    SSEResponse,
+    add_error_handlers,
+    api_error_response,
+    json_response,
+    sse_event,
+)
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 logger = logging.getLogger("ray.serve")
 
-API_KEY_ENV = "GLM4_API_KEY"
-DEPLOYMENT_NAME = "GLM4Server"
-DEFAULT_ENGINE_CLS = "glm4:AsyncLLMEngine"
-DEFAULT_TP_EXECUTOR = "pipeline.tp_ray:RayExecutor"
-# Serve-level concurrency headroom above our admission limits, for /health, /v1/models and /admin/stats.
-_CONTROL_HEADROOM = 16
-_TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-_LATENCY_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
-_TPS_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 
-
-# ==============================================================================================================
-# app arguments
-# ==============================================================================================================
-class ServeArgs(BaseModel):
-    """Arguments of :func:`build_app` (the ``args`` of a Serve config application). Unknown keys are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Checkpoint directory (config.json, *.safetensors, tokenizer.model), or an "
-                       "s3:// / file:// URI; s3:// is downloaded once per node into model_cache_dir.")
-    model_cache_dir: Optional[str] = Field(None, description="Node-local cache for s3:// models; default "
-                                           "$GLM4_MODEL_CACHE or ~/.cache/glm4-ray/models.")
-    storage: dict[str, Any] = Field(default_factory=dict, description="Object-storage options for s3:// models "
-                                    "(pipeline.config.StorageOptions fields); unset ones come from the environment.")
-    served_model_name: Optional[str] = Field(None, description="Name clients send as `model`; default: the "
-                                             "checkpoint directory's name.")
-    model_aliases: list[str] = Field(default_factory=list, description="Other accepted `model` names.")
-    api_key: Optional[str] = Field(None, description=f"Bearer token required on /v1/* and /admin/*; default: "
-                                   f"env {API_KEY_ENV} in the replica; unset = no auth.")
-    # --- replicas and resources
-    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling_config).")
-    autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica actor (fractional is fine).")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica at tensor_parallel_size=1.")
-    tensor_parallel_size: int = Field(1, ge=1, description="Ranks per replica; >1 uses placement-group bundles.")
-    tp_worker_num_cpus: float = Field(1.0, ge=0, description="CPUs per extra TP rank bundle.")
-    placement_group_strategy: str = Field("STRICT_PACK", description="For tensor_parallel_size > 1.")
-    executor: Optional[str] = Field(None, description=f"Engine executor 'module:Class'; default "
-                                    f"{DEFAULT_TP_EXECUTOR} when tensor_parallel_size > 1.")
-    # --- admission control (per replica)
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests generating at once per replica.")
-    max_queued_requests: int = Field(64, ge=0, description="Requests waiting per replica; past it: 429.")
-    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with 429.")
-    proxy_max_queued_requests: int = Field(256, ge=1, description="Serve's own per-caller queue bound "
-                                           "(second line, also 429).")
-    # --- request limits
-    max_tokens_limit: Optional[int] = Field(None, ge=1, description="Largest max_tokens a request may ask for "
-                                            "(default: the context length).")
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; past it: 413.")
-    max_sequences_per_request: int = Field(256, ge=1, description="Largest (number of prompts) x n of one "
-                                           "request; past it: 400. One request holds one admission slot, so "
-                                           "without this bound one call could queue thousands of sequences.")
-    # --- engine
-    engine_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of "
-                                           "AsyncLLMEngine.from_pretrained (as glm4.LLM).")
-    dtype: Optional[str] = None
-    device: Optional[str] = None
-    max_model_len: Optional[int] = Field(None, ge=2)
-    max_num_seqs: Optional[int] = Field(None, ge=1)
-    kv_cache_memory: Optional[float] = Field(None, gt=0, description="Bytes (>1) or a fraction of free memory.")
-    engine_cls: str = Field(DEFAULT_ENGINE_CLS, description="'module:Class' with from_pretrained(dir, **opts).")
-    # --- observability
-    enable_access_log: bool = Field(False, description="Serve's per-request access log line.")
-    stats_interval_s: float = Field(1.0, gt=0, description="How often engine gauges are refreshed.")
-
-    @field_validator("placement_group_strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        if v not in {"PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"}:
-            raise ValueError(f"placement_group_strategy must be PACK/STRICT_PACK/SPREAD/STRICT_SPREAD, got {v!r}")
-        return v
-
-    def resolved_engine_options(self) -> dict[str, Any]:
-        opts = dict(self.engine_options)
-        for key in ("dtype", "device", "max_model_len", "max_num_seqs"):
-            value = getattr(self, key)
-            if value is not None:
-                opts[key] = value
-        if self.kv_cache_memory is not None:
-            kv = self.kv_cache_memory
-            opts["kv_cache_memory"] = int(kv) if kv > 1 else float(kv)
-        if self.tensor_parallel_size > 1:
-            opts["tensor_parallel_size"] = self.tensor_parallel_size
-            opts.setdefault("executor", self.executor or DEFAULT_TP_EXECUTOR)
-        elif self.executor:
-            opts.setdefault("executor", self.executor)
-        return opts
-
-    def model_name(self) -> str:
-        return self.served_model_name or Path(self.model.rstrip("/")).name or "glm4"
-
-    def local_model_dir(self) -> Path:
-        """The checkpoint as a local directory (downloading an s3:// model into the node cache first)."""
-        from pipeline.config import StorageOptions
-        from pipeline.io import resolve_model_dir
-
-        cache = self.model_cache_dir or os.environ.get("GLM4_MODEL_CACHE") or str(
-            Path.home() / ".cache" / "glm4-ray" / "models")
-        storage = StorageOptions.model_validate(self.storage) if self.storage else None
-        return resolve_model_dir(self.model, storage, cache)
-
-
-# ==============================================================================================================
-# admission control
-# ==============================================================================================================
-class Overloaded(APIError):
-    def __init__(self, retry_after_s: float, ongoing: int, queued: int):
-        seconds = max(1, math.ceil(retry_after_s))
-        super().__init__(429, f"server overloaded: {ongoing} requests running and {queued} queued on this "
-                              f"replica; retry after {seconds}s", type="rate_limit_error",
-                         code="server_overloaded", headers={"Retry-After": str(seconds)})
-
-
-class Admission:
-    """At most ``max_ongoing`` holders at once, at most ``max_queued`` waiters; anyone past that is refused
-    immediately (no waiting, no timeout)."""
-
-    def __init__(self, max_ongoing: int, max_queued: int, retry_after_s: float):
-        self.max_ongoing = max_ongoing
-        self.max_queued = max_queued
-        self.retry_after_s = retry_after_s
-        self.ongoing = 0
-        self.queued = 0
-        self.rejected = 0
-        self._sem: asyncio.Semaphore | None = None
-
-    async def acquire(self) -> None:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.max_ongoing)
-        if self._sem.locked():
-            if self.queued >= self.max_queued:
-                self.rejected += 1
-                raise Overloaded(self.retry_after_s, self.ongoing, self.queued)
-            self.queued += 1
-            try:
-                await self._sem.acquire()
-            finally:
-                self.queued -= 1
-        else:
-            await self._sem.acquire()  # free slot: returns without suspending
-        self.ongoing += 1
-
-    def release(self) -> None:
-        assert self._sem is not None
-        self.ongoing -= 1
-        self._sem.release()
-
-
-# ==============================================================================================================
-# helpers
-# ==============================================================================================================
 def _now() -> float:
     return time.perf_counter()
 
 
-def _sse(obj: Any) -> str:
-    return "data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n\n"
-
-
-_SSE_DONE = "data: [DONE]\n\n"
-
-
-def _json_response(obj: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":"), ensure_ascii=False), status_code=status_code,
-                    headers=headers, media_type="application/json")
-
-
-def api_error_response(exc: APIError) -> Response:
-    return _json_response(exc.body(), exc.status_code, exc.headers)
-
-
-def _import_obj(path: str) -> Any:
-    module, _, name = path.partition(":")
-    if not name:
-        raise ValueError(f"expected 'package.module:Name', got {path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def _find_attr(obj: Any, paths: list[str]) -> Any:
-    for path in paths:
-        cur = obj
-        for part in path.split("."):
-            cur = getattr(cur, part, None)
-            if cur is None:
-                break
-        if cur is not None:
-            return cur
-    return None
-
-
-class _Metrics:
-    """Prometheus metrics through Ray (exported by each node's metrics agent), plus local counters for
-    /admin/stats. Ray's metric classes are used when running inside Ray; otherwise only the counters exist."""
-
-    def __init__(self, model_name: str):
-        self.counters: dict[str, float] = {
-            "requests_total": 0, "requests_ok": 0, "requests_4xx": 0, "requests_429": 0, "requests_error": 0,
-            "requests_aborted": 0, "prompt_tokens_total": 0, "output_tokens_total": 0,
-        }
-        self.recent_ttft: deque[float] = deque(maxlen=1024)
-        self._ray = None
-        try:
-            from ray.serve import metrics as m
-
-            tags = {"model": model_name}
-            self._ray = {
-                "requests": m.Counter("glm4_requests", "HTTP requests by endpoint and status code.",
-                                      tag_keys=("model", "endpoint", "status")),
-                "ttft": m.Histogram("glm4_time_to_first_token_seconds", "Time to first token.",
-                                    boundaries=_TTFT_BUCKETS, tag_keys=("model", "endpoint")),
-                "latency": m.Histogram("glm4_request_latency_seconds", "End-to-end generation latency.",
-                                       boundaries=_LATENCY_BUCKETS, tag_keys=("model", "endpoint")),
-                "tps": m.Histogram("glm4_request_output_tokens_per_second",
-                                   "Per-request decode speed (output tokens / (latency - TTFT)).",
-                                   boundaries=_TPS_BUCKETS, tag_keys=("model", "endpoint")),
-                "prompt_tokens": m.Counter("glm4_prompt_tokens", "Prompt tokens.", tag_keys=("model",)),
-                "output_tokens": m.Counter("glm4_output_tokens", "Generated tokens (rate() = tokens/s).",
-                                           tag_keys=("model",)),
-                "aborted": m.Counter("glm4_requests_aborted", "Requests aborted because the client left.",
-                                     tag_keys=("model",)),
-                "rejected": m.Counter("glm4_requests_rejected", "Requests refused with 429 (overload).",
-                                      tag_keys=("model",)),
-                "ongoing": m.Gauge("glm4_ongoing_requests", "Requests admitted into the engine.",
-                                   tag_keys=("model",)),
-                "queued": m.Gauge("glm4_queued_requests", "Requests waiting for admission (queue depth).",
-                                  tag_keys=("model",)),
-                "engine_running": m.Gauge("glm4_engine_num_running", "Sequences running in the engine.",
-                                          tag_keys=("model",)),
-                "engine_waiting": m.Gauge("glm4_engine_num_waiting", "Sequences waiting in the engine.",
-                                          tag_keys=("model",)),
-                "kv_usage": m.Gauge("glm4_kv_cache_usage", "Fraction of KV-cache blocks in use.",
-                                    tag_keys=("model",)),
-            }
-            for metric in self._ray.values():
-                metric.set_default_tags(dict(tags))
-        except Exception as e:  # pragma: no cover - outside Ray
-            logger.info("Ray metrics unavailable (%s); keeping local counters only", e)
-            self._ray = None
-
-    def _call(self, name: str, method: str, value: float, tags: dict[str, str] | None = None) -> None:
-        if self._ray is not None:
-            try:
-                getattr(self._ray[name], method)(value, tags=dict(tags or {}))
-            except Exception:  # metrics must never fail a request
-                pass
-
-    def request_done(self, endpoint: str, status: int) -> None:
-        self.counters["requests_total"] += 1
-        if status == 200:
-            self.counters["requests_ok"] += 1
-        elif status == 429:
-            self.counters["requests_429"] += 1
-            self._call("rejected", "inc", 1)
-        elif 400 <= status < 500:
-            self.counters["requests_4xx"] += 1
-        elif status == 499:
-            pass
-        else:
-            self.counters["requests_error"] += 1
-        self._call("requests", "inc", 1, {"endpoint": endpoint, "status": str(status)})
-
-    def ttft(self, endpoint: str, seconds: float) -> None:
-        self.recent_ttft.append(seconds)
-        self._call("ttft", "observe", seconds, {"endpoint": endpoint})
-
-    def finished(self, endpoint: str, latency: float, ttft: float | None, prompt_tokens: int,
-                 output_tokens: int) -> None:
-        self.counters["prompt_tokens_total"] += prompt_tokens
-        self.counters["output_tokens_total"] += output_tokens
-        self._call("latency", "observe", latency, {"endpoint": endpoint})
-        self._call("prompt_tokens", "inc", prompt_tokens)
-        self._call("output_tokens", "inc", output_tokens)
-        if ttft is not None and output_tokens > 1 and latency > ttft:
-            self._call("tps", "observe", (output_tokens - 1) / (latency - ttft), {"endpoint": endpoint})
-
-    def aborted(self, n: int = 1) -> None:
-        self.counters["requests_aborted"] += n
-        self._call("aborted", "inc", n)
-
-    def gauges(self, admission: Admission, stats: dict[str, Any]) -> None:
-        self._call("ongoing", "set", admission.ongoing)
-        self._call("queued", "set", admission.queued)
-        if stats:
-            self._call("engine_running", "set", float(stats.get("num_running", 0)))
-            self._call("engine_waiting", "set", float(stats.get("num_waiting", 0)))
-            total = float(stats.get("kv_blocks_total", 0) or 0)
-            if total:
-                self._call("kv_usage", "set", 1.0 - float(stats.get("kv_blocks_free", 0)) / total)
-
-
-# ==============================================================================================================
-# FastAPI app
-# ==============================================================================================================
+# The FastAPI app is module-level because GLM4Server's routes below are registered on it at class definition.
 app = FastAPI(title="GLM-4 OpenAI-compatible API", version="1.0",
               description="OpenAI-compatible completions and chat completions served by Ray Serve.")
-
-
-@app.exception_handler(APIError)
-async def _api_error_handler(request: Request, exc: APIError) -> Response:
-    return api_error_response(exc)
-
-
-@app.exception_handler(RequestValidationError)
-async def _request_validation_handler(request: Request, exc: RequestValidationError) -> Response:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        return _json_response(error_body("request body is not valid JSON", code="invalid_json"), 400)
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return _json_response(error_body(f"{param or 'request'}: {first.get('msg', 'invalid value')}",
-                                     param=param, code="invalid_value"), 400)
-
-
-@app.exception_handler(json.JSONDecodeError)
-async def _json_error_handler(request: Request, exc: json.JSONDecodeError) -> Response:
-    return _json_response(error_body(f"request body is not valid JSON: {exc}", code="invalid_json"), 400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> Response:
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _json_response(error_body(str(exc.detail), type=kind, code=str(exc.status_code)), exc.status_code,
-                          getattr(exc, "headers", None))
-
-
-@app.exception_handler(Exception)
-async def _unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error while handling %s %s", request.method, request.url.path)
-    return _json_response(error_body("internal server error", type="server_error", code="internal_error"), 500)
-
-
-class _SSEResponse(StreamingResponse):
-    """StreamingResponse whose cleanup runs however the response ends (done, client gone, task cancelled), even
-    if the body iterator never started."""
-
-    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except (ClientDisconnect, _RayTaskCancelled):
-            # The client left: Serve's receive() may raise instead of sending http.disconnect. Nothing can be sent
-            # any more; the cleanup below aborts the generation. Not a server error (no 500, no traceback).
-            pass
-        finally:
-            self._cleanup()
-
-    def __del__(self) -> None:
-        # Safety net: a response dropped without ever being sent (its task cancelled in between) must still give
-        # its admission slot back. The cleanup is idempotent.
-        try:
-            self._cleanup()
-        except Exception:
-            pass
+add_error_handlers(app)
 
 
 class _RequestState:
@@ -449,11 +118,6 @@ class _Prepared:
         self.include_usage = include_usage
 
 
-def _load_engine(args: ServeArgs, model_dir: Path) -> Any:
-    cls = _import_obj(args.engine_cls)
-    return cls.from_pretrained(str(model_dir), **args.resolved_engine_options())
-
-
 class GLM4Server:
     """One replica: an AsyncLLMEngine plus the HTTP handlers. Wrapped by ``serve.deployment`` below."""
 
@@ -467,13 +131,9 @@ class GLM4Server:
 
         t0 = _now()
         self.model_dir = self.args.local_model_dir()
-        self.engine = _load_engine(self.args, self.model_dir)
-        self.tokenizer = _find_attr(self.engine, ["tokenizer", "engine.tokenizer", "llm_engine.tokenizer"])
-        if self.tokenizer is None:
-            from glm4.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(self.model_dir)
-        self.max_model_len = self._resolve_max_model_len()
+        self.engine = load_engine(self.args, self.model_dir)
+        self.tokenizer = engine_tokenizer(self.engine, self.model_dir)
+        self.max_model_len = engine_max_model_len(self.engine, self.args, self.model_dir)
         self.vocab_size = int(getattr(self.tokenizer, "vocab_size", 0)) or None
         logger.info("GLM4Server: engine for %s ready in %.1fs (max_model_len=%d)", self.model_dir, _now() - t0,
                     self.max_model_len)
@@ -483,28 +143,13 @@ class GLM4Server:
         self._SamplingParams = SamplingParams
         self.admission = Admission(self.args.max_ongoing_requests, self.args.max_queued_requests,
                                    self.args.retry_after_s)
-        self.metrics = _Metrics(self.model_name)
-        self._token_str: dict[int, str] = {}
+        self.metrics = ServeMetrics(self.model_name)
+        self._logprobs = LogprobFormatter(self.tokenizer)
         self._bg: set[asyncio.Task] = set()
         self._stats_task: asyncio.Task | None = None
         self._last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _resolve_max_model_len(self) -> int:
-        value = _find_attr(self.engine, ["max_model_len", "engine.max_model_len", "llm_engine.max_model_len",
-                                         "engine.scheduler.max_model_len", "scheduler.max_model_len",
-                                         "config.max_model_len"])
-        if value is None:
-            value = self.args.resolved_engine_options().get("max_model_len")
-        if value is None:
-            config = _find_attr(self.engine, ["model_config", "engine.model_config", "config", "engine.config"])
-            value = getattr(config, "max_position_embeddings", None)
-        if value is None:
-            from glm4.config import GLM4Config
-
-            value = GLM4Config.from_json(self.model_dir / "config.json").max_position_embeddings
-        return int(value)
-
     def _ensure_background(self) -> None:
         if self._stats_task is None or self._stats_task.done():
             self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
@@ -640,67 +285,6 @@ class GLM4Server:
         params = self._sampling_params(req, max_tokens, logprobs)
         return _Prepared([ids], params, req.n, req.model, logprobs, req.include_usage)
 
-    # ------------------------------------------------------------------------------------------------ logprobs
-    def _tok_str(self, tid: int) -> str:
-        """A token's text; a token that is not valid UTF-8 on its own (part of a multi-byte character) is shown
-        as OpenAI does, ``bytes:\\xe4\\xbd``, so distinct tokens never share a string."""
-        s = self._token_str.get(tid)
-        if s is None:
-            try:
-                raw = self.tokenizer.token_bytes(tid)
-                try:
-                    s = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    s = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            except (IndexError, AttributeError):
-                s = self.tokenizer.decode([tid], skip_special_tokens=False)
-            if len(self._token_str) < 200_000:
-                self._token_str[tid] = s
-        return s
-
-    def _tok_bytes(self, tid: int) -> list[int]:
-        try:
-            return list(self.tokenizer.token_bytes(tid))
-        except (IndexError, AttributeError):
-            return list(self._tok_str(tid).encode())
-
-    @staticmethod
-    def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-        return sorted(entry.items(), key=lambda kv: kv[1], reverse=True)[:k]
-
-    def _completion_logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None, k: int,
-                             text_offset0: int) -> dict[str, Any]:
-        tokens, token_lps, tops, offsets = [], [], [], []
-        offset = text_offset0
-        for i, tid in enumerate(token_ids):
-            entry = entries[i] if entries is not None and i < len(entries) else {}
-            s = self._tok_str(tid)
-            tokens.append(s)
-            token_lps.append(entry.get(tid))
-            if not entry:
-                tops.append(None)
-            elif k:
-                tops.append({self._tok_str(t): lp for t, lp in self._top(entry, k)})
-            else:  # logprobs=0: only the sampled token, as vLLM does
-                tops.append({s: entry[tid]} if tid in entry else None)
-            offsets.append(offset)
-            offset += len(s) if not s.startswith("bytes:") else 0
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None, k: int
-                       ) -> list[dict[str, Any]]:
-        content = []
-        for i, tid in enumerate(token_ids):
-            entry = entries[i] if entries is not None and i < len(entries) else {}
-            lp = entry.get(tid)
-            content.append({
-                "token": self._tok_str(tid), "logprob": lp if lp is not None else -9999.0,
-                "bytes": self._tok_bytes(tid),
-                "top_logprobs": [{"token": self._tok_str(t), "logprob": v, "bytes": self._tok_bytes(t)}
-                                 for t, v in self._top(entry, k)] if k else [],
-            })
-        return content
-
     # ------------------------------------------------------------------------------------------------ engine I/O
     def _abort_soon(self, request_ids: list[str]) -> None:
         async def _abort() -> None:
@@ -819,9 +403,9 @@ class GLM4Server:
             if req.stream:
                 gen = self._stream_chat(prep, state) if chat else self._stream_completion(prep, state)
                 handed_off = True
-                return _SSEResponse(gen, lambda: self._close(state))
+                return SSEResponse(gen, lambda: self._close(state))
             body_obj = await (self._full_chat(prep, state) if chat else self._full_completion(prep, state))
-            return _json_response(body_obj)
+            return json_response(body_obj)
         except APIError as e:
             state.status = e.status_code
             return api_error_response(e)
@@ -864,7 +448,7 @@ class GLM4Server:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 lp = None
                 if prep.logprobs is not None:
-                    lp = self._completion_logprobs(list(c.token_ids), c.logprobs, prep.logprobs, 0)
+                    lp = self._logprobs.completion(list(c.token_ids), c.logprobs, prep.logprobs, 0)
                 choices.append({"index": i * prep.n + c.index, "text": c.text, "logprobs": lp,
                                 "finish_reason": c.finish_reason})
         return {"id": state.request_id, "object": "text_completion", "created": int(time.time()),
@@ -876,7 +460,7 @@ class GLM4Server:
         for c in sorted(out.outputs, key=lambda c: c.index):
             lp = None
             if prep.logprobs is not None:
-                lp = {"content": self._chat_logprobs(list(c.token_ids), c.logprobs, prep.logprobs)}
+                lp = {"content": self._logprobs.chat(list(c.token_ids), c.logprobs, prep.logprobs)}
             choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
                             "logprobs": lp, "finish_reason": c.finish_reason})
         return {"id": state.request_id, "object": "chat.completion", "created": int(time.time()),
@@ -921,10 +505,10 @@ class GLM4Server:
     def _stream_failed(self, state: _RequestState, e: Exception) -> str:
         if isinstance(e, APIError):
             state.status = e.status_code
-            return _sse(e.body())
+            return sse_event(e.body())
         logger.exception("stream %s failed", state.request_id)
         state.status = 500
-        return _sse(error_body("internal server error", type="server_error", code="internal_error"))
+        return sse_event(error_body("internal server error", type="server_error", code="internal_error"))
 
     async def _stream_completion(self, prep: _Prepared, state: _RequestState) -> AsyncIterator[str]:
         created = int(time.time())
@@ -938,20 +522,20 @@ class GLM4Server:
                 for idx, delta, new_ids, entries, finish in items:
                     lp = None
                     if prep.logprobs is not None:
-                        lp = self._completion_logprobs(new_ids, entries, prep.logprobs, offsets.get(idx, 0))
+                        lp = self._logprobs.completion(new_ids, entries, prep.logprobs, offsets.get(idx, 0))
                         offsets[idx] = offsets.get(idx, 0) + len(delta)
                     chunk = {**head, "choices": [{"index": idx, "text": delta, "logprobs": lp,
                                                   "finish_reason": finish}]}
                     if usage_null:
                         chunk["usage"] = None
-                    events.append(_sse(chunk))
+                    events.append(sse_event(chunk))
                 yield "".join(events)
             if prep.include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(state)}) + _SSE_DONE
+                yield sse_event({**head, "choices": [], "usage": self._usage(state)}) + SSE_DONE
                 return
         except Exception as e:
             yield self._stream_failed(state, e)
-        yield _SSE_DONE
+        yield SSE_DONE
 
     async def _stream_chat(self, prep: _Prepared, state: _RequestState) -> AsyncIterator[str]:
         created = int(time.time())
@@ -965,7 +549,7 @@ class GLM4Server:
                                               "logprobs": None, "finish_reason": None}]}
                 if usage_null:
                     chunk["usage"] = None
-                events.append(_sse(chunk))
+                events.append(sse_event(chunk))
             yield "".join(events)
             async for items in self._deltas(prep, state):
                 self._first_token(state)
@@ -973,35 +557,35 @@ class GLM4Server:
                 for idx, delta, new_ids, entries, finish in items:
                     lp = None
                     if prep.logprobs is not None:
-                        lp = {"content": self._chat_logprobs(new_ids, entries, prep.logprobs)}
+                        lp = {"content": self._logprobs.chat(new_ids, entries, prep.logprobs)}
                     choice = {"index": idx, "delta": {"content": delta} if delta else {}, "logprobs": lp,
                               "finish_reason": finish}
                     chunk = {**head, "choices": [choice]}
                     if usage_null:
                         chunk["usage"] = None
-                    events.append(_sse(chunk))
+                    events.append(sse_event(chunk))
                 yield "".join(events)
             if prep.include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(state)}) + _SSE_DONE
+                yield sse_event({**head, "choices": [], "usage": self._usage(state)}) + SSE_DONE
                 return
         except Exception as e:
             yield self._stream_failed(state, e)
-        yield _SSE_DONE
+        yield SSE_DONE
 
     # ------------------------------------------------------------------------------------------------ other routes
     def models(self, request: Request) -> Response:
         self._check_auth(request)
         cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "glm4-ray",
                   "max_model_len": self.max_model_len} for name in sorted(self.model_names)]
-        return _json_response({"object": "list", "data": cards})
+        return json_response({"object": "list", "data": cards})
 
     def health(self) -> Response:
         try:
             self.check_health()
         except Exception as e:
-            return _json_response(error_body(f"engine unhealthy: {e}", type="server_error",
+            return json_response(error_body(f"engine unhealthy: {e}", type="server_error",
                                              code="engine_unhealthy"), 503)
-        return _json_response({"status": "ok", "model": self.model_name, "ongoing": self.admission.ongoing,
+        return json_response({"status": "ok", "model": self.model_name, "ongoing": self.admission.ongoing,
                                "queued": self.admission.queued})
 
     def stats(self, request: Request) -> Response:
@@ -1015,7 +599,7 @@ class GLM4Server:
         def pct(q: float) -> float | None:
             return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
 
-        return _json_response({
+        return json_response({
             "model": self.model_name, "max_model_len": self.max_model_len,
             "engine": engine_stats,
             "admission": {"ongoing": self.admission.ongoing, "queued": self.admission.queued,
@@ -1052,47 +636,14 @@ class GLM4Server:
 GLM4Deployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress(app)(GLM4Server))
 
 
-def deployment_options(args: ServeArgs) -> dict[str, Any]:
-    """Serve deployment options derived from the app args (resources, limits, placement group)."""
-    from ray.serve.config import BackpressureConfig
-
-    opts: dict[str, Any] = {
-        # The replica's own admission control decides (and answers 429 with OpenAI's body); Serve's cap sits
-        # above it so requests reach a replica instead of waiting in a proxy queue.
-        "max_ongoing_requests": args.max_ongoing_requests + args.max_queued_requests + _CONTROL_HEADROOM,
-        "max_queued_requests": args.proxy_max_queued_requests,
-        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=max(1.0, args.retry_after_s)),
-        "logging_config": {"enable_access_log": args.enable_access_log},
-        "graceful_shutdown_timeout_s": 60.0,
-        "health_check_period_s": 10.0,
-        "health_check_timeout_s": 30.0,
-    }
-    if args.autoscaling_config is not None:
-        opts["autoscaling_config"] = args.autoscaling_config
-    else:
-        opts["num_replicas"] = args.num_replicas
-    tp = args.tensor_parallel_size
-    if tp > 1:
-        # Bundle 0 holds the replica (rank 0, which runs the scheduler); bundles 1..tp-1 the other ranks, on one
-        # node (STRICT_PACK: NVLink, and the placement fails instead of silently spanning nodes).
-        gpu = 1.0 if (args.num_gpus > 0 or args.device not in (None, "cpu")) else 0.0
-        bundle0: dict[str, float] = {"CPU": args.num_cpus}
-        rest: dict[str, float] = {"CPU": args.tp_worker_num_cpus}
-        if gpu:
-            bundle0["GPU"] = gpu
-            rest["GPU"] = gpu
-        opts["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": gpu}
-        opts["placement_group_bundles"] = [bundle0] + [dict(rest) for _ in range(tp - 1)]
-        opts["placement_group_strategy"] = args.placement_group_strategy
-    else:
-        opts["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    return opts
-
-
-def build_app(args: dict[str, Any]):
+def build_app(args: dict[str, Any]) -> Application:
     """Serve app builder: ``import_path: pipeline.serve.app:build_app`` with ``args: {model: DIR, ...}``."""
     parsed = ServeArgs.model_validate(dict(args or {}))
     return GLM4Deployment.options(**deployment_options(parsed)).bind(parsed.model_dump())
 
 
-__all__ = ["Admission", "GLM4Deployment", "GLM4Server", "ServeArgs", "app", "build_app", "deployment_options"]
+# Names re-exported from the modules split out of this one, so existing imports (`from pipeline.serve.app import
+# ServeArgs`, ...) keep working.
+__all__ = ["API_KEY_ENV", "DEFAULT_ENGINE_CLS", "DEFAULT_TP_EXECUTOR", "DEPLOYMENT_NAME", "Admission",
+           "GLM4Deployment", "GLM4Server", "Overloaded", "ServeArgs", "api_error_response", "app", "build_app",
+           "deployment_options"]
