@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-API_KEY_ENV = "GLM4_API_KEY"
+from pipeline.serve.config import API_KEY_ENV  # light: pydantic only, no Ray at argument parsing
 
 
 def _engine_option(text: str) -> tuple[str, Any]:
