@@ -250,26 +250,7 @@ def session_logs_grep(needle: str) -> list[str]:
 
 
 def pids_with_title(prefix: str) -> list[int]:
-    """PIDs of this cluster's worker processes (children of our raylet) whose title starts with `prefix`; other
-    people's Ray processes on the machine are never touched."""
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid != raylet:
-                    continue
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    title = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, ValueError, IndexError):
-                continue
-            if title.startswith(prefix):
-                out.append(int(d))
-    return out
+    return helpers.raylet_children_with_title(prefix)
 
 
 # --------------------------------------------------------------------------------------------------- scenarios

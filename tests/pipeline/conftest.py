@@ -186,8 +186,9 @@ def write_prompts(path, rows: dict[str, list], row_group_size: int | None = None
             pq.write_table(table, f, row_group_size=row_group_size)
 
 
-def engine_actor_pids() -> list[int]:
-    """PIDs of this session's engine replica actors: children of our raylet whose title is the engine UDF."""
+def raylet_children_with_title(prefix: str) -> list[int]:
+    """PIDs of this session's Ray worker processes (children of our raylet) whose title starts with `prefix`;
+    other people's Ray processes on the machine are never touched."""
     import ray
 
     node = ray._private.worker._global_node
@@ -205,6 +206,11 @@ def engine_actor_pids() -> list[int]:
                 title = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        if title.startswith(ENGINE_ACTOR_TITLE):
+        if title.startswith(prefix):
             pids.append(int(d))
     return pids
+
+
+def engine_actor_pids() -> list[int]:
+    """PIDs of this session's engine replica actors."""
+    return raylet_children_with_title(ENGINE_ACTOR_TITLE)
