@@ -18,6 +18,21 @@ import torch
 import torch.nn.functional as F
 
 
+# Padded key positions (rows x longest context) one decode attention call may gather; bounds its temporary memory.
+DECODE_GATHER_BUDGET = 1 << 18
+
+
+@dataclass
+class DecodeChunk:
+    """Decode rows attended in one call: their rows of the flattened batch (None: all rows, in order), their block
+    tables trimmed to the longest context among them, and the key-padding mask (n, max_len)."""
+
+    rows: torch.Tensor | None
+    block_tables: torch.Tensor
+    max_len: int
+    mask: torch.Tensor
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step description of the flattened batch (built by the engine's model runner).
@@ -47,19 +62,43 @@ class AttentionMetadata:
         self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
         # Everything below depends on lengths only, not on the layer: built once per step, not once per layer.
         self._grouped_masks: dict[tuple[str, int], torch.Tensor] = {}  # grouped_mask's memo
+        self.decode_chunks: list[DecodeChunk] = []
+        self.decode_in_order = False  # one chunk holding every row of the batch, in order (a pure decode step)
         if self.decode_idx:
             self._plan_decode()
 
     def _plan_decode(self) -> None:
-        dev, idx = self.block_tables.device, self.decode_idx
-        all_decode = len(idx) == len(self.query_lens)  # pure decode step: row i is sequence i
-        self.decode_rows = None if all_decode else torch.tensor([self.query_starts[i] for i in idx], device=dev)
-        self.decode_max_len = max(self.context_lens_list[i] for i in idx)
-        tables = self.block_tables if all_decode else self.block_tables[idx]
-        # Only the blocks that hold one of these rows' keys: the table width is the whole batch's longest row.
-        self.decode_tables = tables[:, :-(-self.decode_max_len // self.block_size)]
-        lens = self.context_lens if all_decode else self.context_lens[idx]
-        self.decode_mask = torch.arange(self.decode_max_len, device=dev)[None, :] < lens[:, None]  # (n, max_len)
+        """Split the decode rows into chunks whose gathered keys (rows x longest context) stay within
+        DECODE_GATHER_BUDGET: the gather materialises K/V per chunk, which at 256 rows of 8k tokens would be
+        gigabytes per layer. Over budget, rows are taken shortest context first, so a chunk pads little."""
+        idx = self.decode_idx
+        lens = [self.context_lens_list[i] for i in idx]
+        if max(lens) * len(idx) <= DECODE_GATHER_BUDGET:
+            groups = [list(range(len(idx)))]
+        else:
+            groups, cur = [], []
+            for j in sorted(range(len(idx)), key=lens.__getitem__):
+                if cur and (len(cur) + 1) * lens[j] > DECODE_GATHER_BUDGET:
+                    groups.append(cur)
+                    cur = []
+                cur.append(j)
+            groups.append(cur)
+        in_order = len(groups) == 1 and len(idx) == len(self.query_lens)  # pure decode: row i is sequence i
+        self.decode_chunks = [self._decode_chunk([idx[j] for j in g], in_order) for g in groups]
+        self.decode_in_order = in_order
+
+    def _decode_chunk(self, seqs: list[int], in_order: bool) -> "DecodeChunk":
+        dev = self.block_tables.device
+        max_len = max(self.context_lens_list[i] for i in seqs)
+        sel = None if in_order else torch.tensor(seqs, device=dev)
+        tables = self.block_tables if sel is None else self.block_tables[sel]
+        lens = self.context_lens if sel is None else self.context_lens[sel]
+        return DecodeChunk(
+            rows=None if in_order else torch.tensor([self.query_starts[i] for i in seqs], device=dev),
+            # Only the blocks that hold one of these rows' keys: the table width is the whole batch's longest row.
+            block_tables=tables[:, :-(-max_len // self.block_size)],
+            max_len=max_len,
+            mask=torch.arange(max_len, device=dev)[None, :] < lens[:, None])  # (n, max_len)
 
     def grouped_mask(self, key: str, group: int, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The (B, Lq, Lk) mask made by `build`, repeated for the `group` query heads folded into the query axis
@@ -116,20 +155,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
     group = q.shape[1] // k_cache.shape[2]
-    if meta.decode_idx:
+    out = None if meta.decode_in_order else torch.empty_like(q)
+    for c, chunk in enumerate(meta.decode_chunks):
         # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
         # that 0 * NaN could leak into other rows.
-        keys = _gather(k_cache, meta.decode_tables, meta.decode_max_len)
-        vals = _gather(v_cache, meta.decode_tables, meta.decode_max_len)
-        qd = q if meta.decode_rows is None else q[meta.decode_rows]
-        mask = meta.grouped_mask("decode", group, lambda: meta.decode_mask[:, None, :])
+        keys = _gather(k_cache, chunk.block_tables, chunk.max_len)
+        vals = _gather(v_cache, chunk.block_tables, chunk.max_len)
+        qd = q if chunk.rows is None else q[chunk.rows]
+        mask = meta.grouped_mask(f"decode{c}", group, lambda chunk=chunk: chunk.mask[:, None, :])
         o = _grouped_attention(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, scale).squeeze(2)
-        if meta.decode_rows is None:
-            return o
-        out = torch.empty_like(q)
-        out[meta.decode_rows] = o
-    else:
-        out = torch.empty_like(q)
+        if chunk.rows is None:
+            return o  # a pure decode step in one chunk: nothing to scatter
+        out[chunk.rows] = o
     for i in meta.prefill_idx:
         s, e = meta.query_starts[i], meta.query_starts[i + 1]
         ctx, ql = meta.context_lens_list[i], e - s

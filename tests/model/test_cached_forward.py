@@ -45,3 +45,32 @@ def test_chunked_prefill_and_decode_match_full_forward(tiny_checkpoint):
         out = model.compute_logits(h)
         torch.testing.assert_close(out[:5], full_a[8:], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[5], full_b[5], atol=1e-5, rtol=0)
+
+
+def test_decode_rows_split_into_chunks_match_full_forward(tiny_checkpoint, monkeypatch):
+    """Over the gather budget, decode rows are attended in length-sorted chunks; logits don't change."""
+    from glm4.layers import attention
+
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    cfg = model.config
+    bs, nblocks = 4, 40
+    kv = [(torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim),
+           torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim)) for _ in range(cfg.num_layers)]
+    torch.manual_seed(1)
+    lens = [9, 3, 14, 6]  # decode rows' final context lengths, deliberately unsorted
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lens]
+    tables = [[0, 1, 2, 3], [4], [5, 6, 7, 8], [9, 10]]
+    pre = torch.randint(0, cfg.vocab_size, (5,))  # a prefill chunk in the same step
+    with torch.no_grad():
+        full = [model(s[None])[0] for s in seqs]
+        full_pre = model(pre[None])[0]
+        meta, pos = _meta(tables, [n - 1 for n in lens], [n - 1 for n in lens], bs)  # prompts minus last token
+        model.forward_cached(torch.cat([s[:-1] for s in seqs]), pos, meta, kv)
+        monkeypatch.setattr(attention, "DECODE_GATHER_BUDGET", 20)  # 4 rows x 14 keys would not fit
+        meta, pos = _meta(tables + [[11, 12]], lens + [5], [1, 1, 1, 1, 5], bs)
+        assert len(meta.decode_chunks) > 1 and not meta.decode_in_order
+        assert all(len(c.mask) * c.max_len <= 20 or len(c.mask) == 1 for c in meta.decode_chunks)
+        out = model.compute_logits(model.forward_cached(torch.cat([s[-1:] for s in seqs] + [pre]), pos, meta, kv))
+    for i, f in enumerate(full):
+        torch.testing.assert_close(out[i], f[-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[4:], full_pre, atol=1e-5, rtol=0)
