@@ -57,7 +57,8 @@ class AttentionMetadata:
         for n in self.query_lens:
             starts.append(starts[-1] + n)
         self.query_starts = starts
-        # Decode rows (one new token) are attended together in one batched call; the rest one by one.
+        # Decode rows (one new token) are attended together, in as few batched calls as the gather budget allows;
+        # prefill chunks one by one.
         self.decode_idx = [i for i, n in enumerate(self.query_lens) if n == 1]
         self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
         # Everything below depends on lengths only, not on the layer: built once per step, not once per layer.
@@ -87,7 +88,7 @@ class AttentionMetadata:
         self.decode_chunks = [self._decode_chunk([idx[j] for j in g], in_order) for g in groups]
         self.decode_in_order = in_order
 
-    def _decode_chunk(self, seqs: list[int], in_order: bool) -> "DecodeChunk":
+    def _decode_chunk(self, seqs: list[int], in_order: bool) -> DecodeChunk:
         dev = self.block_tables.device
         max_len = max(self.context_lens_list[i] for i in seqs)
         sel = None if in_order else torch.tensor(seqs, device=dev)
