@@ -3,6 +3,7 @@ bandwidth vs the machine's measured memory bandwidth. Prints one table. Not a te
 
     python bench/engine.py                      # float32 CPU, `small` preset (real 151552 vocabulary)
     python bench/engine.py --quick              # fewer prompts, for a smoke run
+    python bench/engine.py --decode-only --breakdown   # (b) only, plus where a decode step's time goes
 
 (a) Mixed workload: N prompts with lengths in [16, 512] and output lengths in [16, 256] (ignore_eos so both
     systems generate exactly the same number of tokens); a quarter share a long common prefix. The baseline is
@@ -80,8 +81,7 @@ def run_hf(model_dir: Path, prompts, outs, batch: int) -> tuple[float, int]:
     return time.perf_counter() - t, tokens
 
 
-def decode_bandwidth(model_dir: Path, steps: int) -> tuple[float, float, int]:
-    llm = glm4.LLM(model_dir, max_num_seqs=1)
+def decode_bandwidth(llm: glm4.LLM, steps: int) -> tuple[float, float, int]:
     cfg = llm.engine.executor.runner.model.config
     elem = torch.empty((), dtype=llm.engine.executor.runner.dtype).element_size()
     # Per decode step every weight is read once, except the embedding table (one row). Counted from the config:
@@ -97,6 +97,55 @@ def decode_bandwidth(model_dir: Path, steps: int) -> tuple[float, float, int]:
     return steps / dt, step_bytes * steps / dt, step_bytes
 
 
+def decode_breakdown(llm: glm4.LLM, steps: int) -> list[tuple[str, float]]:
+    """Where a batch-1 decode step's time goes (ms per step): the step split by timing wrappers, then the linears
+    alone on a fresh input (what the GEMVs cost without the rest of the forward around them)."""
+    from glm4.layers.linear import PackableLinear
+
+    runner = llm.engine.executor.runner
+    model = runner.model
+    spent = {"run": 0.0, "forward": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return wrapper
+
+    runner.run = timed("run", runner.run)
+    model.forward_cached = timed("forward", model.forward_cached)
+    try:
+        llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        spent.update(run=0.0, forward=0.0)
+        t = time.perf_counter()
+        llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+        total = time.perf_counter() - t
+    finally:
+        del runner.run, model.forward_cached  # back to the class methods
+    head = model.transformer.output_layer
+    body = [m for m in model.modules() if isinstance(m, PackableLinear) and m is not head]
+
+    def per_call(fn, n: int = 20) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n
+
+    with torch.inference_mode():
+        xs = {m: torch.randn(1, m.in_features if hasattr(m, "in_features") else m.hidden_size) for m in body + [head]}
+        head_alone = per_call(lambda: head.matmul(xs[head]))
+        body_alone = per_call(lambda: [m.matmul(xs[m]) for m in body])
+    ms = lambda x: 1e3 * x / steps  # noqa: E731
+    return [("whole step", ms(total)), ("  model forward (layers, attention, small ops)", ms(spent["forward"])),
+            ("  LM head + logits", ms(spent["run"] - spent["forward"])),
+            ("  engine loop (schedule, sample, detokenize)", ms(total - spent["run"])),
+            ("LM head matmul alone", 1e3 * head_alone), (f"the other {len(body)} linears alone", 1e3 * body_alone)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -106,6 +155,8 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--model", default=None, help="existing checkpoint dir (default: generate one)")
     p.add_argument("--quick", action="store_true", help="16 prompts, short outputs")
+    p.add_argument("--breakdown", action="store_true", help="also print where a batch-1 decode step's time goes")
+    p.add_argument("--decode-only", action="store_true", help="skip (a): only the batch-1 decode measurement")
     args = p.parse_args()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
@@ -118,27 +169,33 @@ def main() -> int:
     print(f"model: {args.preset} ({cfg.num_parameters() / 1e6:.0f}M params, float32), threads={torch.get_num_threads()}, "
           f"{n} prompts (16-512 tokens, 25% share a 256-token prefix), outputs 16-{max_out} tokens", flush=True)
 
-    ours_dt, ours_tok = run_ours(model_dir, prompts, outs, args.max_num_seqs)
-    hf_dt, hf_tok = run_hf(model_dir, prompts, outs, args.hf_batch)
+    rows = []
+    if not args.decode_only:
+        ours_dt, ours_tok = run_ours(model_dir, prompts, outs, args.max_num_seqs)
+        hf_dt, hf_tok = run_hf(model_dir, prompts, outs, args.hf_batch)
+        rows.append(("(a) mixed workload, output tok/s", f"{hf_tok / hf_dt:.1f} (HF generate, batch {args.hf_batch})",
+                     f"{ours_tok / ours_dt:.1f}", f"{(ours_tok / ours_dt) / (hf_tok / hf_dt):.2f}x", ">= 3x"))
     # The machine is shared and its bandwidth drifts: measure it on both sides of the decode run, keep the best.
     bw = measure_bandwidth()
-    steps_s, achieved, step_bytes = decode_bandwidth(model_dir, 16 if args.quick else args.decode_steps)
+    decode_llm = glm4.LLM(model_dir, max_num_seqs=1)
+    steps_s, achieved, step_bytes = decode_bandwidth(decode_llm, 16 if args.quick else args.decode_steps)
     bw = max(bw, measure_bandwidth())
 
-    rows = [
-        ("(a) mixed workload, output tok/s", f"{hf_tok / hf_dt:.1f} (HF generate, batch {args.hf_batch})",
-         f"{ours_tok / ours_dt:.1f}", f"{(ours_tok / ours_dt) / (hf_tok / hf_dt):.2f}x", ">= 3x"),
-        ("(b) batch-1 decode, GB/s of weights", f"{bw / 1e9:.1f} (torch.sum read bandwidth)",
-         f"{achieved / 1e9:.1f} ({steps_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB/step)",
-         f"{achieved / bw:.0%}", ">= 70%"),
-    ]
+    rows.append(("(b) batch-1 decode, GB/s of weights", f"{bw / 1e9:.1f} (torch.sum read bandwidth)",
+                 f"{achieved / 1e9:.1f} ({steps_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB/step)",
+                 f"{achieved / bw:.0%}", ">= 70%"))
     w = [max(len(r[i]) for r in rows + [("metric", "baseline", "ours", "ratio", "target")]) for i in range(5)]
     line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
     print(line(("metric", "baseline", "ours", "ratio", "target")))
     print("|" + "|".join("-" * (x + 2) for x in w) + "|")
     for r in rows:
         print(line(r))
-    print(f"(a) detail: ours {ours_tok} tokens in {ours_dt:.1f}s; HF {hf_tok} tokens in {hf_dt:.1f}s")
+    if not args.decode_only:
+        print(f"(a) detail: ours {ours_tok} tokens in {ours_dt:.1f}s; HF {hf_tok} tokens in {hf_dt:.1f}s")
+    if args.breakdown:
+        print("\n| batch-1 decode step | ms |\n|---|---|")
+        for name, value in decode_breakdown(decode_llm, 16 if args.quick else args.decode_steps):
+            print(f"| {name} | {value:.2f} |")
     return 0
 
 
