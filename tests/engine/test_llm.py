@@ -180,6 +180,8 @@ def test_engine_options_validated(ckpt_hf):
         glm4.LLM(ckpt_hf, kv_cache_memory=10)
     with pytest.raises(ValueError, match="max_model_len"):
         glm4.LLM(ckpt_hf, max_model_len=10**6)
+    with pytest.raises(ValueError, match="enforce_eager"):
+        glm4.LLM(ckpt_hf, enforce_eager="yes")
 
 
 def test_text_prompts_and_chat(ckpt_hf, llm):
