@@ -15,10 +15,11 @@ Design choices (the weak points of the field this is built against):
   types, unknown models, prompts over the context and max_tokens over the limit are 4xx with
   ``{"error": {"message", "type", "param", "code"}}`` (``responses``).
 
-This module is the deployment (:class:`GLM4Server`: validation, engine I/O, response bodies and streams) and the app
+This module is the deployment (:class:`GLM4Server`: auth, engine I/O, response bodies and streams) and the app
 builder. Its parts live next to it in ``pipeline.serve``: ``config`` (:class:`ServeArgs`, Serve deployment options),
-``admission``, ``engine`` (loading the engine), ``logprobs``, ``metrics``, ``responses`` (JSON/SSE bodies, error
-handlers) and ``protocol`` (the OpenAI request models).
+``admission``, ``requests`` (reading, validating and tokenizing a request), ``engine`` (loading the engine),
+``logprobs``, ``metrics``, ``responses`` (JSON/SSE bodies, error handlers) and ``protocol`` (the OpenAI request
+models).
 
 ``build_app(args)`` is the Serve app builder (``import_path: pipeline.serve.app:build_app``); ``args`` are validated
 by :class:`ServeArgs` with unknown keys rejected.
@@ -32,10 +33,9 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import TaskCancelledError as _RayTaskCancelled
 from starlette.requests import ClientDisconnect
@@ -53,13 +53,8 @@ from pipeline.serve.config import (
 from pipeline.serve.engine import engine_max_model_len, engine_tokenizer, load_engine
 from pipeline.serve.logprobs import LogprobFormatter
 from pipeline.serve.metrics import ServeMetrics
-from pipeline.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    error_body,
-    validation_error_to_api_error,
-)
+from pipeline.serve.protocol import APIError, error_body
+from pipeline.serve.requests import Prepared, RequestPreparer
 from pipeline.serve.responses import (
     SSE_DONE,
     SSEResponse,
@@ -85,6 +80,12 @@ app = FastAPI(title="GLM-4 OpenAI-compatible API", version="1.0",
 add_error_handlers(app)
 
 
+# One changed sample in an engine batch: (choice index, new text, new token ids, new logprob entries, finish_reason).
+_Delta = tuple[int, str, list[int], Any, Optional[str]]
+# Shapes one _Delta into an SSE choice object (completions and chat differ only in this).
+_ChoiceFn = Callable[[int, str, list[int], Any, Optional[str]], dict[str, Any]]
+
+
 class _RequestState:
     """Bookkeeping of one HTTP request: its engine requests, admission slot and timings."""
 
@@ -105,19 +106,6 @@ class _RequestState:
         self.status = 200
 
 
-class _Prepared:
-    __slots__ = ("prompts", "params", "n", "model", "logprobs", "include_usage")
-
-    def __init__(self, prompts: list[list[int]], params: Any, n: int, model: str, logprobs: int | None,
-                 include_usage: bool):
-        self.prompts = prompts
-        self.params = params
-        self.n = n
-        self.model = model
-        self.logprobs = logprobs
-        self.include_usage = include_usage
-
-
 class GLM4Server:
     """One replica: an AsyncLLMEngine plus the HTTP handlers. Wrapped by ``serve.deployment`` below."""
 
@@ -134,13 +122,13 @@ class GLM4Server:
         self.engine = load_engine(self.args, self.model_dir)
         self.tokenizer = engine_tokenizer(self.engine, self.model_dir)
         self.max_model_len = engine_max_model_len(self.engine, self.args, self.model_dir)
-        self.vocab_size = int(getattr(self.tokenizer, "vocab_size", 0)) or None
         logger.info("GLM4Server: engine for %s ready in %.1fs (max_model_len=%d)", self.model_dir, _now() - t0,
                     self.max_model_len)
 
-        from glm4.engine.sampling_params import SamplingParams
-
-        self._SamplingParams = SamplingParams
+        self.preparer = RequestPreparer(self.tokenizer, self.model_names, self.max_model_len,
+                                        max_request_bytes=self.args.max_request_bytes,
+                                        max_sequences_per_request=self.args.max_sequences_per_request,
+                                        max_tokens_limit=self.args.max_tokens_limit)
         self.admission = Admission(self.args.max_ongoing_requests, self.args.max_queued_requests,
                                    self.args.retry_after_s)
         self.metrics = ServeMetrics(self.model_name)
@@ -194,97 +182,6 @@ class GLM4Server:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    # ------------------------------------------------------------------------------------------------ validation
-    async def _read_body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.args.max_request_bytes:
-            raise APIError(413, f"request body over {self.args.max_request_bytes} bytes", code="request_too_large")
-        body = await request.body()
-        if len(body) > self.args.max_request_bytes:
-            raise APIError(413, f"request body over {self.args.max_request_bytes} bytes", code="request_too_large")
-        if not body.strip():
-            raise APIError(400, "request body is empty; send a JSON object", code="invalid_request_body")
-        return body
-
-    def _check_model(self, model: str) -> None:
-        if model not in self.model_names:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves "
-                                f"{sorted(self.model_names)}", param="model", code="model_not_found")
-
-    def _check_prompt_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise APIError(400, f"{param} is empty", param=param, code="invalid_value")
-        if self.vocab_size is not None and max(ids) >= self.vocab_size:
-            raise APIError(400, f"{param} has token id {max(ids)} outside the vocabulary (size {self.vocab_size})",
-                           param=param, code="invalid_value")
-        if len(ids) >= self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"your {param} has {len(ids)} tokens, leaving no room for the completion. Please "
-                                f"reduce the length of the {param}.", param=param, code="context_length_exceeded")
-
-    def _resolve_max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
-        room = self.max_model_len - prompt_len
-        limit = self.args.max_tokens_limit
-        if requested is None:
-            return max(1, min(room, limit) if limit else room)
-        if limit is not None and requested > limit:
-            raise APIError(400, f"max_tokens is {requested} but this server allows at most {limit}",
-                           param="max_tokens", code="invalid_value")
-        if requested > room:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"you requested {prompt_len + requested} tokens ({prompt_len} in the {param}, "
-                                f"{requested} in the completion). Please reduce the length of the {param} or "
-                                "completion.", param="max_tokens", code="context_length_exceeded")
-        return requested
-
-    def _sampling_params(self, req: Any, max_tokens: int, logprobs: int | None) -> Any:
-        kwargs: dict[str, Any] = dict(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
-                                      stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-                                      logprobs=logprobs, skip_special_tokens=req.skip_special_tokens, seed=req.seed)
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
-            value = getattr(req, name)
-            if value is not None:
-                kwargs[name] = value
-        if kwargs["min_tokens"] > max_tokens:
-            raise APIError(400, f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})",
-                           param="min_tokens", code="invalid_value")
-        try:
-            return self._SamplingParams(**kwargs).validate()
-        except (ValueError, TypeError) as e:
-            field = str(e).split(" ", 1)[0]
-            raise APIError(400, str(e), param=field if field in kwargs else None, code="invalid_value") from None
-
-    def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
-        self._check_model(req.model)
-        n_seqs = len(req.prompts()) * req.n
-        if n_seqs > self.args.max_sequences_per_request:
-            raise APIError(400, f"this request asks for {n_seqs} sequences (prompts x n); this server allows at "
-                                f"most {self.args.max_sequences_per_request} per request", param="prompt",
-                           code="invalid_value")
-        prompts: list[list[int]] = []
-        for p in req.prompts():
-            ids = self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p)
-            self._check_prompt_ids(ids, "prompt")
-            prompts.append(ids)
-        longest = max(len(p) for p in prompts)
-        max_tokens = self._resolve_max_tokens(req.max_tokens, longest, "prompt")
-        params = self._sampling_params(req, max_tokens, req.logprobs)
-        return _Prepared(prompts, params, req.n, req.model, req.logprobs, req.include_usage)
-
-    def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
-        self._check_model(req.model)
-        messages = [{"role": m.glm_role(), "content": m.text()} for m in req.messages]
-        try:
-            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        except (ValueError, TypeError) as e:
-            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
-        self._check_prompt_ids(ids, "messages")
-        max_tokens = self._resolve_max_tokens(req.requested_max_tokens, len(ids), "messages")
-        logprobs = req.num_logprobs
-        params = self._sampling_params(req, max_tokens, logprobs)
-        return _Prepared([ids], params, req.n, req.model, logprobs, req.include_usage)
-
     # ------------------------------------------------------------------------------------------------ engine I/O
     def _abort_soon(self, request_ids: list[str]) -> None:
         async def _abort() -> None:
@@ -321,7 +218,7 @@ class GLM4Server:
             self.metrics.finished(state.endpoint, latency, ttft, state.prompt_tokens, state.output_tokens)
         self.metrics.request_done(state.endpoint, state.status)
 
-    async def _outputs(self, prep: _Prepared, state: _RequestState) -> AsyncIterator[list[tuple[int, Any]]]:
+    async def _outputs(self, prep: Prepared, state: _RequestState) -> AsyncIterator[list[tuple[int, Any]]]:
         """Batches of (prompt index, RequestOutput): the newest output of every prompt that advanced since the
         last batch. Outputs are cumulative, so older ones can be skipped: when the HTTP side falls behind the
         engine (a slow client, a busy proxy), the tokens of several steps go out in one event instead of queueing
@@ -390,12 +287,9 @@ class GLM4Server:
         handed_off = False
         try:
             self._check_auth(request)
-            body = await self._read_body(request)
-            try:
-                req = (ChatCompletionRequest if chat else CompletionRequest).model_validate_json(body)
-            except ValidationError as e:
-                raise validation_error_to_api_error(e) from None
-            prep = self._prepare_chat(req) if chat else self._prepare_completion(req)
+            body = await self.preparer.read_body(request)
+            req = self.preparer.parse(body, chat)
+            prep = self.preparer.prepare_chat(req) if chat else self.preparer.prepare_completion(req)
             self._ensure_background()
             await self.admission.acquire()
             state.admitted = True
@@ -420,7 +314,7 @@ class GLM4Server:
                 self._close(state)
 
     # ---- non-streaming
-    async def _collect(self, prep: _Prepared, state: _RequestState) -> list[Any]:
+    async def _collect(self, prep: Prepared, state: _RequestState) -> list[Any]:
         finals: list[Any] = [None] * len(prep.prompts)
         async for batch in self._outputs(prep, state):
             for i, out in batch:
@@ -441,7 +335,7 @@ class GLM4Server:
         return {"prompt_tokens": state.prompt_tokens, "completion_tokens": state.output_tokens,
                 "total_tokens": state.prompt_tokens + state.output_tokens}
 
-    async def _full_completion(self, prep: _Prepared, state: _RequestState) -> dict[str, Any]:
+    async def _full_completion(self, prep: Prepared, state: _RequestState) -> dict[str, Any]:
         finals = await self._collect(prep, state)
         choices = []
         for i, out in enumerate(finals):
@@ -454,7 +348,7 @@ class GLM4Server:
         return {"id": state.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": prep.model, "choices": choices, "usage": self._usage(state)}
 
-    async def _full_chat(self, prep: _Prepared, state: _RequestState) -> dict[str, Any]:
+    async def _full_chat(self, prep: Prepared, state: _RequestState) -> dict[str, Any]:
         (out,) = await self._collect(prep, state)
         choices = []
         for c in sorted(out.outputs, key=lambda c: c.index):
@@ -467,8 +361,7 @@ class GLM4Server:
                 "model": prep.model, "choices": choices, "usage": self._usage(state)}
 
     # ---- streaming
-    async def _deltas(self, prep: _Prepared, state: _RequestState
-                      ) -> AsyncIterator[list[tuple[int, str, list[int], Any, str | None]]]:
+    async def _deltas(self, prep: Prepared, state: _RequestState) -> AsyncIterator[list[_Delta]]:
         """Per engine batch: (choice index, new text, new token ids, new logprob entries, finish_reason) for every
         sample that changed."""
         sent_text: dict[int, int] = {}
@@ -510,26 +403,25 @@ class GLM4Server:
         state.status = 500
         return sse_event(error_body("internal server error", type="server_error", code="internal_error"))
 
-    async def _stream_completion(self, prep: _Prepared, state: _RequestState) -> AsyncIterator[str]:
-        created = int(time.time())
-        head = {"id": state.request_id, "object": "text_completion", "created": created, "model": prep.model}
-        usage_null = prep.include_usage
-        offsets: dict[int, int] = {}
+    async def _stream(self, prep: Prepared, state: _RequestState, obj: str, choice: _ChoiceFn,
+                      opening: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
+        """The SSE body of both endpoints: the ``opening`` choices (if any), then per engine batch one event for
+        every choice that changed (shaped by ``choice``), the usage chunk when asked for, and ``[DONE]``; a failure
+        midway becomes an error event, so the client always sees the stream end."""
+        head = {"id": state.request_id, "object": obj, "created": int(time.time()), "model": prep.model}
+
+        def event(c: dict[str, Any]) -> str:
+            chunk = {**head, "choices": [c]}
+            if prep.include_usage:  # with stream_options.include_usage, OpenAI sends "usage": null until the end
+                chunk["usage"] = None
+            return sse_event(chunk)
+
         try:
+            if opening is not None:
+                yield "".join(event(c) for c in opening)
             async for items in self._deltas(prep, state):
                 self._first_token(state)
-                events = []
-                for idx, delta, new_ids, entries, finish in items:
-                    lp = None
-                    if prep.logprobs is not None:
-                        lp = self._logprobs.completion(new_ids, entries, prep.logprobs, offsets.get(idx, 0))
-                        offsets[idx] = offsets.get(idx, 0) + len(delta)
-                    chunk = {**head, "choices": [{"index": idx, "text": delta, "logprobs": lp,
-                                                  "finish_reason": finish}]}
-                    if usage_null:
-                        chunk["usage"] = None
-                    events.append(sse_event(chunk))
-                yield "".join(events)
+                yield "".join(event(choice(*item)) for item in items)
             if prep.include_usage:
                 yield sse_event({**head, "choices": [], "usage": self._usage(state)}) + SSE_DONE
                 return
@@ -537,40 +429,30 @@ class GLM4Server:
             yield self._stream_failed(state, e)
         yield SSE_DONE
 
-    async def _stream_chat(self, prep: _Prepared, state: _RequestState) -> AsyncIterator[str]:
-        created = int(time.time())
-        head = {"id": state.request_id, "object": "chat.completion.chunk", "created": created, "model": prep.model}
-        usage_null = prep.include_usage
-        try:
-            # The role comes first, before any token, as OpenAI does (clients use it as "stream opened").
-            events = []
-            for idx in range(len(prep.prompts) * prep.n):
-                chunk = {**head, "choices": [{"index": idx, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]}
-                if usage_null:
-                    chunk["usage"] = None
-                events.append(sse_event(chunk))
-            yield "".join(events)
-            async for items in self._deltas(prep, state):
-                self._first_token(state)
-                events = []
-                for idx, delta, new_ids, entries, finish in items:
-                    lp = None
-                    if prep.logprobs is not None:
-                        lp = {"content": self._logprobs.chat(new_ids, entries, prep.logprobs)}
-                    choice = {"index": idx, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                              "finish_reason": finish}
-                    chunk = {**head, "choices": [choice]}
-                    if usage_null:
-                        chunk["usage"] = None
-                    events.append(sse_event(chunk))
-                yield "".join(events)
-            if prep.include_usage:
-                yield sse_event({**head, "choices": [], "usage": self._usage(state)}) + SSE_DONE
-                return
-        except Exception as e:
-            yield self._stream_failed(state, e)
-        yield SSE_DONE
+    def _stream_completion(self, prep: Prepared, state: _RequestState) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}  # per choice: where the next delta starts in its text (logprobs.text_offset)
+
+        def choice(idx: int, delta: str, new_ids: list[int], entries: Any, finish: str | None) -> dict[str, Any]:
+            lp = None
+            if prep.logprobs is not None:
+                lp = self._logprobs.completion(new_ids, entries, prep.logprobs, offsets.get(idx, 0))
+                offsets[idx] = offsets.get(idx, 0) + len(delta)
+            return {"index": idx, "text": delta, "logprobs": lp, "finish_reason": finish}
+
+        return self._stream(prep, state, "text_completion", choice)
+
+    def _stream_chat(self, prep: Prepared, state: _RequestState) -> AsyncIterator[str]:
+        def choice(idx: int, delta: str, new_ids: list[int], entries: Any, finish: str | None) -> dict[str, Any]:
+            lp = None
+            if prep.logprobs is not None:
+                lp = {"content": self._logprobs.chat(new_ids, entries, prep.logprobs)}
+            return {"index": idx, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                    "finish_reason": finish}
+
+        # The role comes first, before any token, as OpenAI does (clients use it as "stream opened").
+        opening = [{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for idx in range(len(prep.prompts) * prep.n)]
+        return self._stream(prep, state, "chat.completion.chunk", choice, opening)
 
     # ------------------------------------------------------------------------------------------------ other routes
     def models(self, request: Request) -> Response:
