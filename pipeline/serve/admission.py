@@ -30,6 +30,9 @@ class Admission:
         self.ongoing = 0
         self.queued = 0
         self.rejected = 0
+        # High-water marks: the bound itself, observable (tests assert it under bursts whatever the timing).
+        self.peak_ongoing = 0
+        self.peak_queued = 0
         self._sem: asyncio.Semaphore | None = None
 
     async def acquire(self) -> None:
@@ -40,6 +43,7 @@ class Admission:
                 self.rejected += 1
                 raise Overloaded(self.retry_after_s, self.ongoing, self.queued)
             self.queued += 1
+            self.peak_queued = max(self.peak_queued, self.queued)
             try:
                 await self._sem.acquire()
             finally:
@@ -47,6 +51,7 @@ class Admission:
         else:
             await self._sem.acquire()  # free slot: returns without suspending
         self.ongoing += 1
+        self.peak_ongoing = max(self.peak_ongoing, self.ongoing)
 
     def release(self) -> None:
         assert self._sem is not None

@@ -17,7 +17,7 @@ Design choices (the weak points of the field this is built against):
 
 This module is the deployment (:class:`GLM4Server`: auth, engine I/O, response bodies and streams) and the app
 builder. Its parts live next to it in ``pipeline.serve``: ``config`` (:class:`ServeArgs`, Serve deployment options),
-``admission``, ``requests`` (reading, validating and tokenizing a request), ``engine`` (loading the engine),
+``admission``, ``preparation`` (reading, validating and tokenizing a request), ``engine`` (loading the engine),
 ``logprobs``, ``metrics``, ``responses`` (JSON/SSE bodies, error handlers) and ``protocol`` (the OpenAI request
 models).
 
@@ -54,7 +54,7 @@ from pipeline.serve.engine import engine_max_model_len, engine_tokenizer, load_e
 from pipeline.serve.logprobs import LogprobFormatter
 from pipeline.serve.metrics import ServeMetrics
 from pipeline.serve.protocol import APIError, error_body
-from pipeline.serve.requests import Prepared, RequestPreparer
+from pipeline.serve.preparation import Prepared, RequestPreparer
 from pipeline.serve.responses import (
     SSE_DONE,
     SSEResponse,
@@ -486,7 +486,8 @@ class GLM4Server:
             "engine": engine_stats,
             "admission": {"ongoing": self.admission.ongoing, "queued": self.admission.queued,
                           "max_ongoing_requests": self.admission.max_ongoing,
-                          "max_queued_requests": self.admission.max_queued, "rejected": self.admission.rejected},
+                          "max_queued_requests": self.admission.max_queued, "rejected": self.admission.rejected,
+                          "peak_ongoing": self.admission.peak_ongoing, "peak_queued": self.admission.peak_queued},
             "counters": dict(self.metrics.counters),
             "ttft_s": {"p50": pct(0.5), "p99": pct(0.99), "samples": len(ttfts)},
         })

@@ -36,11 +36,16 @@ def _no_5xx(sec) -> None:
 
 def test_burst_far_over_capacity(target):
     n = 8 * (REL_MAX_ONGOING + REL_MAX_QUEUED)
+    rejected_before = target.stats()["admission"]["rejected"]
     sec = asyncio.run(abuse.burst(target, n=n, hold_tokens=200))
     _no_5xx(sec)
-    # Requests that finish free their slot for later arrivals, so on a slow, shared machine (the burst is not
-    # perfectly simultaneous) more than `capacity` can succeed; most must still be refused, and none may be lost.
-    assert sec.classes["429"] >= n // 2, sec.row()
+    # How many succeed depends on timing (on a slow, shared machine the burst is not simultaneous and finished
+    # requests free their slots for later arrivals); the bound itself does not: never more than max_ongoing
+    # requests in the engine nor max_queued waiting, every refusal the replica counted seen by its client as a 429
+    # (Serve's proxy may refuse a few more itself, also with 429), none lost.
+    admission = target.stats()["admission"]
+    assert admission["peak_ongoing"] <= REL_MAX_ONGOING and admission["peak_queued"] <= REL_MAX_QUEUED, admission
+    assert sec.classes["429"] >= max(1, admission["rejected"] - rejected_before), (sec.row(), admission)
     assert sec.classes["4xx"] == 0 and sec.classes["2xx"] + sec.classes["429"] + sec.classes["none"] >= n, sec.row()
     lat = sorted(sec.lat429)
     # loose bounds: the 2-core machine is shared; unloaded, a 429 takes ~10-50 ms
