@@ -21,12 +21,16 @@ def _meta(block_tables: list[list[int]], ctx: list[int], qlens: list[int], block
     return meta, torch.tensor(positions)
 
 
+def _model_and_cache(checkpoint, num_blocks: int, block_size: int) -> tuple:
+    model = load_model(checkpoint, dtype=torch.float32)
+    shape = (num_blocks, block_size, model.num_kv_heads_per_rank, model.config.head_dim)
+    return model, [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.config.num_layers)]
+
+
 def test_chunked_prefill_and_decode_match_full_forward(tiny_checkpoint):
-    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    bs = 4
+    model, kv = _model_and_cache(tiny_checkpoint, num_blocks=32, block_size=bs)
     cfg = model.config
-    bs, nblocks = 4, 32
-    kv = [(torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim),
-           torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim)) for _ in range(cfg.num_layers)]
     torch.manual_seed(0)
     a = torch.randint(0, cfg.vocab_size, (13,))
     b = torch.randint(0, cfg.vocab_size, (6,))
@@ -51,11 +55,9 @@ def test_decode_rows_split_into_chunks_match_full_forward(tiny_checkpoint, monke
     """Over the gather budget, decode rows are attended in length-sorted chunks; logits don't change."""
     from glm4.layers import attention
 
-    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    bs = 4
+    model, kv = _model_and_cache(tiny_checkpoint, num_blocks=40, block_size=bs)
     cfg = model.config
-    bs, nblocks = 4, 40
-    kv = [(torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim),
-           torch.zeros(nblocks, bs, model.num_kv_heads_per_rank, cfg.head_dim)) for _ in range(cfg.num_layers)]
     torch.manual_seed(1)
     lens = [9, 3, 14, 6]  # decode rows' final context lengths, deliberately unsorted
     seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lens]
