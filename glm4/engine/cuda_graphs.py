@@ -29,8 +29,6 @@ from glm4.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-Tensors = tuple[torch.Tensor, ...]
-
 
 def capture_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 8 up to `max_batch` (vLLM's default spacing), plus `max_batch`."""
@@ -41,87 +39,108 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 class _Segment:
-    """One captured piece of the forward: `fn(*inputs)` -> a tuple of tensors at fixed addresses."""
+    """One captured piece of the forward: `fn()` reads and writes only the static buffers."""
 
-    def __init__(self, fn: Callable[..., Tensors], inputs: Tensors, pool: object | None, emulate: bool) -> None:
-        self.fn, self.inputs = fn, inputs
+    def __init__(self, fn: Callable[[], None], pool: object | None, emulate: bool) -> None:
+        self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         if emulate:
-            self.outputs = fn(*inputs)
+            fn()
             return
         # Warm up on a side stream first (lazy tables, library handles), as the CUDA graphs notes advise.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            fn(*inputs)
+            fn()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = fn(*inputs)
+            fn()
 
-    def replay(self) -> Tensors:
+    def replay(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         else:
-            for dst, src in zip(self.outputs, self.fn(*self.inputs)):
-                dst.copy_(src)
-        return self.outputs
+            self.fn()
+
+
+class _Buffers:
+    """Every segment's inputs and outputs, allocated once at the largest size, outside the graphs' pool; a batch
+    size uses their first rows. Sharing them keeps graph memory to one set of activations whatever the number of
+    sizes (outputs allocated inside each capture would cost sizes x layers sets, gigabytes for the 9B model).
+    Every graph's pool memory is then scratch only, so graphs of different sizes may replay in any order."""
+
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
+        cfg, attn = model.config, model.transformer.encoder.layers[0].self_attention
+        emb = model.transformer.embedding.word_embeddings.weight  # never packed: its device and dtype are the model's
+        kw = dict(device=emb.device, dtype=emb.dtype)
+        self.input_ids = torch.zeros(rows, dtype=torch.long, device=emb.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=emb.device)
+        self.h = torch.zeros(rows, cfg.hidden_size, **kw)
+        self.q = torch.zeros(rows, attn.num_heads, cfg.head_dim, **kw)
+        self.k = torch.zeros(rows, attn.num_kv_heads, cfg.head_dim, **kw)
+        self.v = torch.zeros(rows, attn.num_kv_heads, cfg.head_dim, **kw)
+        self.cos = torch.zeros(rows, 1, cfg.rotary_dim // 2, **kw)
+        self.sin = torch.zeros(rows, 1, cfg.rotary_dim // 2, **kw)
+        self.attn = torch.zeros(rows, attn.num_heads * cfg.head_dim, **kw)  # attention output of the layer before
+        self.logits = torch.zeros(rows, cfg.vocab_size, dtype=torch.float32, device=emb.device)
+
+    def rows(self, n: int) -> "_Buffers":
+        view = object.__new__(_Buffers)
+        view.__dict__.update({k: t[:n] for k, t in self.__dict__.items()})
+        return view
 
 
 class _SizeGraphs:
-    """The segments of one batch size, wired through static input buffers."""
+    """The segments of one batch size, reading and writing the first `size` rows of the shared buffers."""
 
-    def __init__(self, model: torch.nn.Module, size: int, pool: object | None, emulate: bool) -> None:
-        cfg, layers = model.config, model.transformer.encoder.layers
-        emb = model.transformer.embedding.word_embeddings.weight  # never packed: its device and dtype are the model's
-        dev, dtype = emb.device, emb.dtype
-        attn_width = layers[0].self_attention.num_heads * cfg.head_dim
-        self.size = size
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(size, dtype=torch.long, device=dev)
-        self.attn = torch.zeros(size, attn_width, dtype=dtype, device=dev)  # attention output of the layer before
-        t = model.transformer
+    def __init__(self, model: torch.nn.Module, b: _Buffers, pool: object | None, emulate: bool) -> None:
+        t, layers = model.transformer, model.transformer.encoder.layers
 
-        def first(ids: torch.Tensor, positions: torch.Tensor) -> Tensors:
-            h = t.embedding(ids)
-            cos, sin = t.rotary_pos_emb.cos_sin(positions, h.dtype)
-            return (h, *layers[0].pre_attention(h, (cos, sin)), cos, sin)
+        def store(h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+            b.h.copy_(h)
+            b.q.copy_(q)
+            b.k.copy_(k)
+            b.v.copy_(v)
 
-        def middle(i: int) -> Callable[..., Tensors]:
-            def seg(h: torch.Tensor, attn: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tensors:
-                h = layers[i - 1].post_attention(h, attn)
-                return (h, *layers[i].pre_attention(h, (cos, sin)))
+        def first() -> None:
+            h = t.embedding(b.input_ids)
+            cos, sin = t.rotary_pos_emb.cos_sin(b.positions, h.dtype)
+            b.cos.copy_(cos)
+            b.sin.copy_(sin)
+            store(h, *layers[0].pre_attention(h, (b.cos, b.sin)))
+
+        def middle(i: int) -> Callable[[], None]:
+            def seg() -> None:
+                h = layers[i - 1].post_attention(b.h, b.attn)
+                store(h, *layers[i].pre_attention(h, (b.cos, b.sin)))
             return seg
 
-        def last(h: torch.Tensor, attn: torch.Tensor) -> Tensors:
-            h = layers[-1].post_attention(h, attn)
-            return (model.compute_logits(t.encoder.final_layernorm(h)),)
+        def last() -> None:
+            h = layers[-1].post_attention(b.h, b.attn)
+            b.logits.copy_(model.compute_logits(t.encoder.final_layernorm(h)))
 
-        self.first = _Segment(first, (self.input_ids, self.positions), pool, emulate)
-        h, _, _, _, cos, sin = self.first.outputs
-        self.middle: list[_Segment] = []
-        for i in range(1, len(layers)):
-            seg = _Segment(middle(i), (h, self.attn, cos, sin), pool, emulate)
-            self.middle.append(seg)
-            h = seg.outputs[0]
-        self.last = _Segment(last, (h, self.attn), pool, emulate)
+        self.size = b.input_ids.numel()
+        self.first = _Segment(first, pool, emulate)
+        self.middle = [_Segment(middle(i), pool, emulate) for i in range(1, len(layers))]
+        self.last = _Segment(last, pool, emulate)
 
 
 class DecodeGraphs:
     """Captured decode forwards for every size of `capture_sizes(max_batch)` (one shared memory pool)."""
 
     def __init__(self, model: torch.nn.Module, max_batch: int, *, emulate: bool = False) -> None:
-        self.model = model
         self.layers = model.transformer.encoder.layers
+        sizes = capture_sizes(max_batch)
+        self.buffers = _Buffers(model, max(sizes))
         pool = None if emulate else torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _SizeGraphs] = {}
         with torch.inference_mode():
-            # Largest first: the smaller sizes then reuse the pool's memory.
-            for size in sorted(capture_sizes(max_batch), reverse=True):
-                self.graphs[size] = _SizeGraphs(model, size, pool, emulate)
-        self.max_batch = max(self.graphs)
+            for size in sorted(sizes, reverse=True):
+                self.graphs[size] = _SizeGraphs(model, self.buffers.rows(size), pool, emulate)
+        self.max_batch = max(sizes)
         logger.info("captured decode %s for batch sizes %s", "segments (emulated)" if emulate else "CUDA graphs",
-                    sorted(self.graphs))
+                    sizes)
 
     def handles(self, meta: AttentionMetadata, num_logits: int) -> bool:
         """A pure decode step (one token per sequence, every row sampled) within the captured sizes."""
@@ -131,18 +150,19 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """-> fp32 logits (n, vocab) for the n decode rows, in row order."""
+        """-> fp32 logits (n, vocab) for the n decode rows, in row order (a view of a static buffer, valid until
+        the next step)."""
         n = input_ids.numel()
         g = self.graphs[min(s for s in self.graphs if s >= n)]
-        g.input_ids[:n].copy_(input_ids)
-        g.positions[:n].copy_(positions)
+        b = self.buffers
+        b.input_ids[:n].copy_(input_ids)
+        b.positions[:n].copy_(positions)
         if n < g.size:  # padding rows: any valid id and position; their outputs are never read
-            g.input_ids[n:].zero_()
-            g.positions[n:].zero_()
-            g.attn[n:].zero_()
-        outs = g.first.replay()
+            b.input_ids[n:g.size].zero_()
+            b.positions[n:g.size].zero_()
+            b.attn[n:g.size].zero_()
+        g.first.replay()
         for i, layer in enumerate(self.layers):
-            _, q, k, v = outs[:4]
-            g.attn[:n].copy_(layer.self_attention.attend(q[:n], k[:n], v[:n], meta, kv_caches[i]))
-            outs = g.middle[i].replay() if i < len(g.middle) else g.last.replay()
-        return outs[0][:n]
+            b.attn[:n].copy_(layer.self_attention.attend(b.q[:n], b.k[:n], b.v[:n], meta, kv_caches[i]))
+            (g.middle[i] if i < len(g.middle) else g.last).replay()
+        return b.logits[:n]

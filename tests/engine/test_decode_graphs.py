@@ -70,9 +70,11 @@ def test_padded_rows_do_not_touch_real_rows(ckpt):
     ids, pos = torch.tensor([5, 6, 7]), torch.tensor([0, 0, 0])
     with torch.inference_mode():
         eager = runner.model.compute_logits(runner.model.forward_cached(ids, pos, meta, runner.kv_caches))
-        small = graphs.run(ids, pos, meta, runner.kv_caches)  # size 4: one padding row
+        small = graphs.run(ids, pos, meta, runner.kv_caches).clone()  # size 4: one padding row (a static buffer)
         graphs.graphs = {8: graphs.graphs[8]}
         big = graphs.run(ids, pos, meta, runner.kv_caches)  # size 8: five padding rows
     torch.testing.assert_close(small, eager, atol=1e-5, rtol=0)
     torch.testing.assert_close(big, eager, atol=1e-5, rtol=0)
     assert small.shape == (3, runner.config.vocab_size)
+    # One set of static buffers serves every size: rows of the largest size, not a copy per size.
+    assert graphs.buffers.logits.shape[0] == 8 and big.data_ptr() == graphs.buffers.logits.data_ptr()
