@@ -243,7 +243,9 @@ class BatchJobConfig(_Strict):
         default=None, description="Give each replica tensor_parallel_size GPUs; default: when the cluster has GPUs."
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads per replica (CPU); default: Ray's choice."
+        default=None, ge=1, description="torch intra-op threads per replica (CPU); default: Ray's choice (the "
+        "replica's CPUs, at least 1). On CPU, one single-threaded replica per core is the fastest layout (see "
+        "bench/README.md)."
     )
     batch_size: int = Field(
         default=32,
