@@ -24,7 +24,6 @@ rerun does not bring back. With --serve, bench/serve_abuse.py's table follows.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -49,18 +48,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-# the pipeline tests' helpers: TcpProxy (stoppable store), free ports, engine actor pids
-helpers = _load("_glm4_rel_pipeline_conftest", REPO / "tests" / "pipeline" / "conftest.py")
+# The reliability tests' loader and the pipeline tests' helpers (TcpProxy for a stoppable store, free ports,
+# raylet children by title): the same code the CI subset of these scenarios runs.
+from tests.reliability.conftest import _load, pipeline_helpers as helpers  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- results
