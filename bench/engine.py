@@ -28,18 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import glm4  # noqa: E402
 from glm4 import SamplingParams  # noqa: E402
+from glm4.kernels import hugepages  # noqa: E402
 from glm4.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    """Best `torch.sum` read rate over 1 GiB, from plain memory and from huge pages (where the engine keeps its
+    CPU weights, glm4/kernels/hugepages.py): the machine's bandwidth is the faster of the two."""
+    best_rate = 0.0
+    for x in (torch.ones(int(gib * 2**30 / 4)), hugepages.copy_to_huge_pages(torch.ones(int(gib * 2**30 / 4)))):
         x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        best_rate = max(best_rate, x.numel() * 4 / best)
+        del x
+    return best_rate
 
 
 def workload(n: int, vocab: int, seed: int = 0, max_prompt: int = 512, max_out: int = 256):

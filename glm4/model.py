@@ -138,10 +138,10 @@ class GLM4ForCausalLM(nn.Module):
     def num_kv_heads_per_rank(self) -> int:
         return self.transformer.encoder.layers[0].self_attention.num_kv_heads
 
-    def pack_for_cpu(self) -> int:
-        """Pack every linear weight for oneDNN (CPU inference; see glm4/layers/onednn.py). Call after loading;
-        returns how many weights were packed (0 off-CPU or without oneDNN)."""
-        return sum(m.pack_for_cpu() for m in self.modules() if isinstance(m, PackableLinear))
+    def prepare_for_cpu(self) -> int:
+        """Switch every linear to the fastest CPU kernels this machine has (see `PackableLinear`). Call after
+        loading; returns how many layers were switched (0 off-CPU)."""
+        return sum(m.prepare_for_cpu() for m in self.modules() if isinstance(m, PackableLinear))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab), full causal forward without a cache."""

@@ -120,8 +120,8 @@ class ModelRunner:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
         self.config: GLM4Config = self.model.config
         if self.device.type == "cpu":
-            packed = self.model.pack_for_cpu()
-            logger.debug("packed %d linear weights for oneDNN", packed)
+            prepared = self.model.prepare_for_cpu()
+            logger.debug("prepared %d linear layers for the CPU kernels", prepared)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.decode_graphs: DecodeGraphs | None = None

@@ -1,8 +1,8 @@
 """Attention over a paged KV cache (engine path) and plain causal attention (full-sequence path).
 
 Both paths take q/k/v already projected and rotated, so the model runs the same layers either way.
-Pure torch (SDPA), so it is correct on CPU and CUDA alike; a fused paged kernel can replace `paged_attention`
-without touching the model.
+Pure torch (SDPA), so it is correct on CPU and CUDA alike. On AVX-512 CPUs decode rows go through our fused
+kernel instead (`glm4/kernels/cpu.py`), which reads K/V straight from the blocks.
 
 KV cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, num_kv_heads, head_dim).
 A token at position p of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size`,
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from glm4.kernels import cpu
 
 
 # Padded key positions (rows x longest context) one decode attention call may gather; bounds its temporary memory.
@@ -63,12 +65,36 @@ class AttentionMetadata:
         self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
         # Everything below depends on lengths only, not on the layer: built once per step, not once per layer.
         self._grouped_masks: dict[tuple[str, int], torch.Tensor] = {}  # grouped_mask's memo
-        self.decode_chunks: list[DecodeChunk] = []
-        self.decode_in_order = False  # one chunk holding every row of the batch, in order (a pure decode step)
-        if self.decode_idx:
-            self._plan_decode()
+        self.pure_decode = bool(self.decode_idx) and not self.prefill_idx  # row i of the batch is sequence i
+        self._decode_chunks: list[DecodeChunk] | None = None
+        self._kernel_inputs: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
 
-    def _plan_decode(self) -> None:
+    @property
+    def decode_chunks(self) -> list[DecodeChunk]:
+        """The torch path's plan for the decode rows (planned at first use: the fused kernel needs none)."""
+        if self._decode_chunks is None:
+            self._decode_chunks = self._plan_decode() if self.decode_idx else []
+        return self._decode_chunks
+
+    @property
+    def decode_in_order(self) -> bool:
+        """One chunk holding every row of the batch, in order (a pure decode step within the gather budget)."""
+        return self.pure_decode and len(self.decode_chunks) == 1
+
+    def decode_kernel_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(rows of the flattened batch or None for all, block tables, context lengths) of the decode rows, for
+        the fused kernel; built once per step."""
+        if self._kernel_inputs is None:
+            if self.pure_decode:
+                self._kernel_inputs = (None, self.block_tables, self.context_lens)
+            else:
+                dev = self.block_tables.device
+                seqs = torch.tensor(self.decode_idx, device=dev)
+                rows = torch.tensor([self.query_starts[i] for i in self.decode_idx], device=dev)
+                self._kernel_inputs = (rows, self.block_tables[seqs], self.context_lens[seqs])
+        return self._kernel_inputs
+
+    def _plan_decode(self) -> list[DecodeChunk]:
         """Split the decode rows into chunks whose gathered keys (rows x longest context) stay within
         DECODE_GATHER_BUDGET: the gather materialises K/V per chunk, which at 256 rows of 8k tokens would be
         gigabytes per layer. Over budget, rows are taken shortest context first, so a chunk pads little."""
@@ -84,9 +110,8 @@ class AttentionMetadata:
                     cur = []
                 cur.append(j)
             groups.append(cur)
-        in_order = len(groups) == 1 and len(idx) == len(self.query_lens)  # pure decode: row i is sequence i
-        self.decode_chunks = [self._decode_chunk([idx[j] for j in g], in_order) for g in groups]
-        self.decode_in_order = in_order
+        in_order = len(groups) == 1 and self.pure_decode
+        return [self._decode_chunk([idx[j] for j in g], in_order) for g in groups]
 
     def _decode_chunk(self, seqs: list[int], in_order: bool) -> DecodeChunk:
         dev = self.block_tables.device
@@ -156,8 +181,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
     group = q.shape[1] // k_cache.shape[2]
-    out = None if meta.decode_in_order else torch.empty_like(q)
-    for c, chunk in enumerate(meta.decode_chunks):
+    if meta.decode_idx and cpu.can_attend(q, k_cache):
+        rows, tables, lens = meta.decode_kernel_inputs()
+        o = cpu.paged_decode_attention(q if rows is None else q[rows], k_cache, v_cache, tables, lens, scale)
+        if rows is None:
+            return o  # a pure decode step
+        out = torch.empty_like(q)
+        out[rows] = o
+        chunks: list[DecodeChunk] = []
+    else:
+        out = None if meta.decode_in_order else torch.empty_like(q)
+        chunks = meta.decode_chunks
+    for c, chunk in enumerate(chunks):
         # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
         # that 0 * NaN could leak into other rows.
         keys = _gather(k_cache, chunk.block_tables, chunk.max_len)

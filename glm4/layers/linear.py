@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from glm4.kernels import cpu, hugepages
 from glm4.layers import onednn
 
 
@@ -61,16 +62,30 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class PackableLinear(nn.Module):
-    """Base of the layers whose local math is y = x W^T (+ b). On CPU the runner packs W for oneDNN once the
-    weights are loaded (`pack_for_cpu`); the dense parameter is then emptied, so the model holds one copy."""
+    """Base of the layers whose local math is y = x W^T (+ b). On CPU the runner calls `prepare_for_cpu` once the
+    weights are loaded, which picks the fastest kernels this machine has:
+
+    * fp32 on AVX-512 (`glm4/kernels/cpu.py`): the dense weight moves into huge pages; decode-sized inputs
+      (up to `cpu.MAX_ROWS` rows) go through our streaming GEMV, larger ones through oneDNN on the same
+      plain weight, so the model still holds one copy.
+    * otherwise (bf16, no AVX-512, no compiler): the weight is packed into oneDNN's blocked layout and the dense
+      parameter emptied.
+    """
 
     weight: nn.Parameter
     packed_weight: torch.Tensor | None = None
+    streaming: bool = False
 
-    def pack_for_cpu(self) -> bool:
-        """Replace the dense weight by its oneDNN-packed copy; False where that is not possible (non-CPU device,
-        dtype, PyTorch build). Irreversible: call after loading weights."""
-        if self.packed_weight is not None or not onednn.can_pack(self.weight):
+    def prepare_for_cpu(self) -> bool:
+        """Switch this layer to the CPU kernels above; False where neither applies (non-CPU device, fp16,
+        PyTorch build without oneDNN) or when already done. Irreversible: call after loading weights."""
+        if self.packed_weight is not None or self.streaming:
+            return False
+        if cpu.can_use(self.weight):
+            self.weight.data = hugepages.copy_to_huge_pages(self.weight.data)
+            self.streaming = True
+            return True
+        if not onednn.can_pack(self.weight):
             return False
         self.packed_weight = onednn.pack(self.weight)
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
@@ -78,6 +93,10 @@ class PackableLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "bias", None)  # only column-parallel layers (QKV) have one
+        if self.streaming:
+            if 0 < x.numel() <= cpu.MAX_ROWS * x.shape[-1]:
+                return cpu.linear(x, self.weight, bias)
+            return onednn.linear(x, self.weight, bias)  # oneDNN also runs on the plain layout
         if self.packed_weight is not None:
             return onednn.linear(x, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)

@@ -1,0 +1,177 @@
+"""CPU kernels compute what the torch reference computes: oneDNN-packed linears, our streaming GEMV (weights in
+huge pages), and fused paged decode attention, for every layer kind, fp32 and bf16."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm4.kernels import cpu, hugepages
+from glm4.layers import onednn
+from glm4.layers.linear import PackableLinear
+from glm4.weights import load_model
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN linear kernels")
+needs_kernels = pytest.mark.skipif(cpu.load() is None, reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Force the library paths (oneDNN packing, SDPA), as on a machine without AVX-512 or a compiler."""
+    monkeypatch.setattr(cpu, "can_use", lambda w: False)
+    monkeypatch.setattr(cpu, "can_attend", lambda q, k: False)
+
+
+def _compare_models(tiny_checkpoint, dtype, tol):
+    dense = load_model(tiny_checkpoint, dtype=dtype)
+    prepared = load_model(tiny_checkpoint, dtype=dtype)
+    linears = [m for m in prepared.modules() if isinstance(m, PackableLinear)]
+    # qkv, dense, dense_h_to_4h, dense_4h_to_h per layer, and the LM head
+    assert prepared.prepare_for_cpu() == len(linears) == 4 * prepared.config.num_layers + 1
+    assert prepared.prepare_for_cpu() == 0  # idempotent
+    ids = torch.randint(0, prepared.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = dense(ids).float(), prepared(ids).float()
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    return linears
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_packed_model_matches_dense(tiny_checkpoint, dtype, tol, no_kernels):
+    linears = _compare_models(tiny_checkpoint, dtype, tol)
+    assert all(m.packed_weight is not None and m.weight.numel() == 0 for m in linears)  # one copy, not two
+
+
+@needs_kernels
+def test_streaming_model_matches_dense(tiny_checkpoint):
+    linears = _compare_models(tiny_checkpoint, torch.float32, 1e-5)
+    assert all(m.streaming and m.packed_weight is None for m in linears)
+    assert all(m.weight.data_ptr() % hugepages.HUGE_PAGE == 0 for m in linears if m.weight.nbytes >= 2 << 20)
+
+
+@needs_onednn
+def test_packed_shapes_bias_and_fallback(no_kernels):
+    _check_layer_shapes(expect_streaming=False)
+    half = PackableLinear()
+    half.weight = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float16), requires_grad=False)
+    assert not half.prepare_for_cpu() and half.packed_weight is None  # unsupported dtype: stays on F.linear
+    assert half.matmul(torch.randn(2, 4, dtype=torch.float16)).shape == (2, 8)
+
+
+@needs_kernels
+def test_streaming_shapes_bias_and_batch_sizes():
+    _check_layer_shapes(expect_streaming=True)
+
+
+def _check_layer_shapes(expect_streaming: bool):
+    torch.manual_seed(0)
+    layer = PackableLinear()
+    layer.weight = torch.nn.Parameter(torch.randn(24, 16), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(24), requires_grad=False)
+    # 1 row, the kernel's limit, one over it (oneDNN), leading dims, a non-contiguous input, no rows
+    xs = [torch.randn(16), torch.randn(cpu.MAX_ROWS, 16), torch.randn(cpu.MAX_ROWS + 1, 16), torch.randn(2, 3, 16),
+          torch.randn(16, 5).t(), torch.randn(0, 16)]
+    want = [F.linear(x, layer.weight, layer.bias) for x in xs]
+    assert layer.prepare_for_cpu()
+    assert layer.streaming == expect_streaming
+    for x, w in zip(xs, want):
+        torch.testing.assert_close(layer.matmul(x), w, atol=1e-5, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", range(1, cpu.MAX_ROWS + 1))
+@pytest.mark.parametrize("k", [16, 40, 100, 512, 3424])  # multiples of 32 and masked tails
+def test_gemv_kernel_matches_linear(rows, k):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    w, b = torch.randn(37, k, generator=g), torch.randn(37, generator=g)
+    x = torch.randn(rows, k + 3, generator=g)[:, 2:-1]  # rows with a stride larger than k
+    torch.testing.assert_close(cpu.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cpu.linear(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_gemv_kernel_rejects_bad_input():
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="features"):
+        cpu.linear(torch.randn(1, 15), w, None)
+    with pytest.raises(RuntimeError, match="rows"):
+        cpu.linear(torch.randn(cpu.MAX_ROWS + 1, 16), w, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.linear(torch.randn(1, 16, dtype=torch.bfloat16), w.bfloat16(), None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_HUGEPAGE) is Linux only")
+def test_huge_page_copy_is_equal_and_advised():
+    src = torch.randn(3 << 20)  # 12 MiB
+    out = hugepages.copy_to_huge_pages(src.view(3, -1))
+    assert torch.equal(out.flatten(), src) and out.is_contiguous()
+    assert out.data_ptr() % hugepages.HUGE_PAGE == 0
+    # The kernel records the advice on the mapping: VmFlags "hg" (MADV_HUGEPAGE) in /proc/self/smaps.
+    addr, flags = out.data_ptr(), None
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= addr < hi:
+                flags = next(x for x in lines[i + 1:] if x.startswith("VmFlags")).split()[1:]
+                break
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert flags is not None and "hg" in flags
+    small = hugepages.copy_to_huge_pages(torch.arange(10.0))  # under 2 MiB: plain memory, same values
+    assert torch.equal(small, torch.arange(10.0))
+
+
+def _reference_decode_attention(q, k_cache, v_cache, tables, lens, scale):
+    out = []
+    bs = k_cache.shape[1]
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        blocks = tables[i, :math.ceil(n / bs)].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].float().transpose(0, 1)  # (KVH, n, D)
+        v = v_cache[blocks].flatten(0, 1)[:n].float().transpose(0, 1)
+        o = F.scaled_dot_product_attention(q[i].float()[:, None], k, v, scale=scale, enable_gqa=True)
+        out.append(o[:, 0])
+    return torch.stack(out).to(q.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (32, 2, 128), (4, 4, 16)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_paged_decode_attention_matches_sdpa(dtype, tol, heads, kv_heads, head_dim, index_dtype):
+    g = torch.Generator().manual_seed(heads + head_dim)
+    bs, num_blocks = 8, 40
+    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g).to(dtype)
+    lens = torch.tensor([1, 7, 8, 9, 17, 64, 100])  # one token, within a block, block edges, long
+    width = math.ceil(int(lens.max()) / bs)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).to(index_dtype)
+    q = (3 * torch.randn(len(lens), heads, head_dim, generator=g)).to(dtype)  # sharp softmax: exp is exercised
+    scale = head_dim ** -0.5
+    got = cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    want = _reference_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@needs_kernels
+def test_paged_decode_attention_rejects_bad_input():
+    k = torch.zeros(4, 8, 2, 64)
+    q = torch.zeros(1, 8, 64)
+    ok = dict(block_tables=torch.zeros(1, 1, dtype=torch.long), context_lens=torch.ones(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu.paged_decode_attention(torch.zeros(1, 8, 60), torch.zeros(4, 8, 2, 60), torch.zeros(4, 8, 2, 60),
+                                   scale=1.0, **ok)
+    with pytest.raises(RuntimeError, match="int64"):
+        cpu.paged_decode_attention(q, k, k, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.int32),
+                                   1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu.paged_decode_attention(q.bfloat16(), k, k, scale=1.0, **ok)
