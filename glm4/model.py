@@ -17,6 +17,7 @@ from torch import nn
 
 from glm4.config import GLM4Config
 from glm4.layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
+from glm4.kernels import cpu
 from glm4.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from glm4.layers.linear import PackableLinear, QKVParallelLinear, RowParallelLinear
 from glm4.layers.mlp import MLP
@@ -54,6 +55,13 @@ class SelfAttention(nn.Module):
         """x: (..., tokens, hidden) -> rotated q (..., tokens, heads, head_dim), rotated k and v (kv_heads)."""
         qkv = self.query_key_value(x)
         proj = self.query_key_value
+        if qkv.dim() == 2 and qkv.dtype == torch.float32 and qkv.is_cpu and cpu.ready():
+            # Engine path on CPU: rotate q and k inside the fresh projection output in one fused call.
+            cpu.rotary_(qkv, *cos_sin, self.num_heads + self.num_kv_heads, self.head_dim, self.rotary_dim)
+            q, k, v = qkv.split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
+            return (q.unflatten(-1, (self.num_heads, self.head_dim)),
+                    k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                    v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
         qk, v = qkv.split([proj.q_size + proj.kv_size, proj.kv_size], dim=-1)
         # q and k heads side by side (..., tokens, heads + kv_heads, head_dim): one rotary pass for both.
         qk = apply_rotary(qk.unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim)), cos_sin,

@@ -6,6 +6,11 @@ MKL); this kernel streams the plain row-major weight and reaches ~90-95% (bench/
 on oneDNN, whose blocked GEMMs win once the work is compute-bound.
 * `paged_decode_attention` (`cpu_attention.cpp`): one query token per sequence straight from the paged KV cache,
   instead of gathering K/V into a padded tensor, masking and calling SDPA (~10 small ops per layer).
+* `rms_norm`, `rotary_`, `argmax` (`cpu_small_ops.cpp`): fp32 RMSNorm, rotary embedding and greedy argmax in one
+  call each instead of chains of tiny torch ops (torch's argmax over 151552 logits alone takes ~250 us).
+
+Layers ask `ready()` before using the small ops, which never triggers a build: the kernels are built when the
+engine's CPU runner prepares the model (`PackableLinear.prepare_for_cpu`).
 
 The kernels are compiled once per machine with torch's C++ extension builder (~30 s, cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and used only where the CPU has AVX-512. If they cannot be built
@@ -26,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "cpu_gemv.cpp", "cpu_attention.cpp")]
+_SOURCES = [Path(__file__).with_name(f)
+            for f in ("bindings.cpp", "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_small_ops.cpp")]
 _NAME = "glm4_cpu_kernels"  # torch rebuilds when a source or flag changes
 MAX_ROWS = 8  # activation rows per call; kMaxRows in cpu_gemv.cpp
 ENV_SWITCH = "GLM4_CPU_KERNELS"
@@ -102,3 +108,28 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables: (n, W) covering each row's context_lens (int64, >= 1) tokens."""
     return _module.paged_decode_attention(  # type: ignore[union-attr]  # callers check can_attend first
         q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), scale)
+
+
+def ready() -> bool:
+    """True once the kernels are built and loaded in this process (never builds them)."""
+    return _module is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GLM-4 RMSNorm of fp32 `x` (..., n) with fp32 `weight` (n,); callers check `ready()`."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return _module.rms_norm(rows, weight, eps).view(x.shape)  # type: ignore[union-attr]
+
+
+def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int,
+            rotary_dim: int) -> None:
+    """Rotate in place the first `heads` heads of fp32 rows `qkv` (tokens, width) (GLM-4's interleaved partial
+    rotary); cos/sin: the tokens' table rows, (tokens, ..., rotary_dim // 2) contiguous."""
+    _module.rotary_(qkv, cos, sin, heads, head_dim, rotary_dim)  # type: ignore[union-attr]
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for fp32 rows (rows, n) with unit stride, vectorised; callers check `ready()`."""
+    return _module.argmax_rows(logits)  # type: ignore[union-attr]

@@ -175,3 +175,47 @@ def test_paged_decode_attention_rejects_bad_input():
                                    1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         cpu.paged_decode_attention(q.bfloat16(), k, k, scale=1.0, **ok)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 512), (3, 40), (5, 4096), (2, 7)])
+def test_rms_norm_kernel_matches_module(shape):
+    from glm4.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(shape[1])
+    norm = RMSNorm(shape[1], 1.5625e-07)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[1], generator=g))
+    x = 4 * torch.randn(shape[0], shape[1] + 3, generator=g)[:, 1:-2]  # strided rows
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps))  # the torch formula
+    torch.testing.assert_close(cpu.rms_norm(x, norm.weight, norm.eps), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x), want, atol=1e-5, rtol=1e-5)  # the module uses the kernel once built
+
+
+@needs_kernels
+@pytest.mark.parametrize("rotary_dim, head_dim", [(32, 64), (64, 128), (8, 16)])
+def test_rotary_kernel_matches_torch(rotary_dim, head_dim):
+    from glm4.layers.rotary import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(rotary_dim)
+    heads, kv_heads, tokens = 4, 2, 6
+    rope = RotaryEmbedding(rotary_dim, 10000.0, 4096)
+    cos_sin = rope.cos_sin(torch.tensor([0, 1, 5, 100, 4000, 7]), torch.float32)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
+    qk = qkv[:, :(heads + kv_heads) * head_dim].unflatten(-1, (heads + kv_heads, head_dim))
+    want = torch.cat([apply_rotary(qk, cos_sin, rotary_dim).flatten(-2), qkv[:, (heads + kv_heads) * head_dim:]], -1)
+    cpu.rotary_(qkv, *cos_sin, heads + kv_heads, head_dim, rotary_dim)
+    torch.testing.assert_close(qkv, want, atol=1e-6, rtol=1e-6)  # v untouched, q and k rotated
+
+
+@needs_kernels
+def test_argmax_kernel_matches_torch_including_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 151552, generator=g)
+    x[1, 100] = x[1, 70000] = 50.0  # tie: the first index wins
+    x[2, -1] = 60.0  # the maximum in the scalar tail
+    x[3, 5] = float("nan")  # NaN counts as the maximum
+    x[4, :] = -float("inf")
+    torch.testing.assert_close(cpu.argmax(x), x.argmax(-1))
+    assert cpu.argmax(x[:, :17].contiguous()).tolist() == x[:, :17].argmax(-1).tolist()
