@@ -1,9 +1,10 @@
 """Our CPU kernels for decode steps on AVX-512 machines: builds them on first use and wraps them.
 
-* `linear` (`cpu_gemv.cpp`): decode-sized fp32 linears. A decode step's linears see 1 to a few activation rows, so their cost is reading the weights once. On the
-project's AMD EPYC the library GEMVs read them at 50-75% of the `torch.sum` bandwidth (oneDNN packed or plain,
-MKL); this kernel streams the plain row-major weight and reaches ~90-95% (bench/README.md). Larger batches stay
-on oneDNN, whose blocked GEMMs win once the work is compute-bound.
+* `linear` (`cpu_gemv.cpp`): decode-sized fp32 linears. A decode step's linears see 1 to a few activation rows,
+  so their cost is reading the weights once. On the project's AMD EPYC the library GEMVs read them at 50-75% of
+  the `torch.sum` bandwidth (oneDNN packed or plain, MKL); this kernel streams the plain row-major weight from
+  huge pages and reads the 310 MB LM head at ~80-90% (bench/README.md). Larger batches stay on oneDNN, whose
+  blocked GEMMs win once the work is compute-bound.
 * `paged_decode_attention` (`cpu_attention.cpp`): one query token per sequence straight from the paged KV cache,
   instead of gathering K/V into a padded tensor, masking and calling SDPA (~10 small ops per layer).
 * `rms_norm`, `rotary_`, `argmax` (`cpu_small_ops.cpp`): fp32 RMSNorm, rotary embedding and greedy argmax in one
@@ -12,7 +13,7 @@ on oneDNN, whose blocked GEMMs win once the work is compute-bound.
 Layers ask `ready()` before using the small ops, which never triggers a build: the kernels are built when the
 engine's CPU runner prepares the model (`PackableLinear.prepare_for_cpu`).
 
-The kernels are compiled once per machine with torch's C++ extension builder (~30 s, cached under
+The kernels are compiled once per machine with torch's C++ extension builder (~1 min, cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and used only where the CPU has AVX-512. If they cannot be built
 (no C++ compiler, no ninja) the layers fall back to oneDNN and torch's SDPA with a warning; GLM4_CPU_KERNELS=0
 turns them off.
@@ -56,6 +57,17 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
+def _find_ninja() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package (a dependency) installs it into the environment's
+    bin directory, which is not on PATH when the venv's python is run without activating it."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load() -> ModuleType | None:
     """The compiled kernels' module, building it on first call; None where unavailable (reason logged once)."""
     global _module, _failed
@@ -70,6 +82,8 @@ def load() -> ModuleType | None:
             log.info("CPU kernels not used (%s); using oneDNN and SDPA", reason)
             return None
         from torch.utils import cpp_extension  # imported lazily: it pulls in setuptools
+
+        _find_ninja()
 
         log.info("building the CPU kernels (once per machine, ~1 min)")
         try:
