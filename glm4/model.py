@@ -103,8 +103,29 @@ class GLMBlock(nn.Module):
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Full causal attention over (batch, seq), or over the paged cache when `meta` is given."""
+        if meta is not None and self._fuses_decode(h, meta, kv_cache):
+            return self._fused_decode(h, cos_sin, meta, kv_cache)
         q, k, v = self.pre_attention(h, cos_sin)
         return self.post_attention(h, self.self_attention.attend(q, k, v, meta, kv_cache))
+
+    def _fuses_decode(self, h: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
+        """A pure decode step of at most cpu.MAX_ROWS sequences, fp32 on an AVX-512 CPU, one rank, every linear on
+        the streaming kernels (`prepare_for_cpu`): the whole block runs as one kernel call (cpu.decode_layer)."""
+        attn, mlp = self.self_attention, self.mlp
+        return (cpu.FUSE_DECODE_LAYERS and meta.pure_decode and h.dim() == 2 and h.shape[0] <= cpu.MAX_ROWS
+                and h.dtype == torch.float32 and kv_cache[0].dtype == torch.float32 and attn.dense.tp_size == 1
+                and attn.head_dim % 16 == 0 and attn.query_key_value.streaming and attn.dense.streaming
+                and mlp.dense_h_to_4h.streaming and mlp.dense_4h_to_h.streaming)
+
+    def _fused_decode(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                      kv_cache: KVCache) -> torch.Tensor:
+        attn, mlp = self.self_attention, self.mlp
+        return cpu.decode_layer(
+            h, self.input_layernorm.weight, attn.query_key_value.weight, attn.query_key_value.bias,
+            attn.dense.weight, self.post_attention_layernorm.weight, mlp.dense_h_to_4h.weight,
+            mlp.dense_4h_to_h.weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
+            meta.context_lens, cos_sin[0], cos_sin[1], attn.num_heads, attn.num_kv_heads, attn.rotary_dim,
+            self.input_layernorm.eps, attn.scale)
 
 
 class Embedding(nn.Module):

@@ -9,6 +9,8 @@
   instead of gathering K/V into a padded tensor, masking and calling SDPA (~10 small ops per layer).
 * `rms_norm`, `rotary_`, `argmax` (`cpu_small_ops.cpp`): fp32 RMSNorm, rotary embedding and greedy argmax in one
   call each instead of chains of tiny torch ops (torch's argmax over 151552 logits alone takes ~250 us).
+* `decode_layer` (`cpu_decode_layer.cpp`): a whole block of a pure decode step of up to MAX_ROWS sequences in one
+  call and one parallel region, built from the kernels above (`cpu_kernels.h`): no per-op dispatch or fork/join.
 
 Layers ask `ready()` before using the small ops, which never triggers a build: the kernels are built when the
 engine's CPU runner prepares the model (`PackableLinear.prepare_for_cpu`).
@@ -21,6 +23,7 @@ turns them off.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -32,8 +35,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f)
-            for f in ("bindings.cpp", "cpu_gemv.cpp", "cpu_attention.cpp", "cpu_small_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "cpu_gemv.cpp", "cpu_attention.cpp",
+                                                     "cpu_small_ops.cpp", "cpu_decode_layer.cpp")]
+_HEADER = Path(__file__).with_name("cpu_kernels.h")
 _NAME = "glm4_cpu_kernels"  # torch rebuilds when a source or flag changes
 MAX_ROWS = 8  # activation rows per call; kMaxRows in cpu_gemv.cpp
 ENV_SWITCH = "GLM4_CPU_KERNELS"
@@ -86,9 +90,13 @@ def load() -> ModuleType | None:
         _find_ninja()
 
         log.info("building the CPU kernels (once per machine, ~1 min)")
+        # torch decides whether to rebuild from the sources' and flags' hash; the shared header is not a source,
+        # so its hash goes into the flags.
+        header = "-DGLM4K_HEADER=" + hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
         try:
             _module = cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES],
-                                         extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+                                         extra_cflags=_CFLAGS + [header], extra_ldflags=["-fopenmp"],
+                                         extra_include_paths=[str(_HEADER.parent)], verbose=False)
         except Exception as e:  # a missing toolchain must not stop inference: oneDNN still works
             _failed = f"build failed: {e}"
             log.warning("CPU kernels could not be built (%s); using oneDNN and SDPA", e)
@@ -147,3 +155,21 @@ def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch.argmax(logits, -1) for fp32 rows (rows, n) with unit stride, vectorised; callers check `ready()`."""
     return _module.argmax_rows(logits)  # type: ignore[union-attr]
+
+
+# Whether GLM-4 blocks run pure decode steps through `decode_layer` (tests switch it off to compare).
+FUSE_DECODE_LAYERS = True
+
+
+def decode_layer(h: torch.Tensor, ln1: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                 wdense: torch.Tensor, ln2: torch.Tensor, wh4h: torch.Tensor, w4hh: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 heads: int, kv_heads: int, rotary_dim: int, eps: float, scale: float) -> torch.Tensor:
+    """One GLM-4 block for a pure decode step: h (M <= MAX_ROWS, hidden) fp32, one new token per sequence, whose
+    K/V are written to the caches at `slot_mapping` -> the block's output (M, hidden). cos/sin: the tokens' rotary
+    table rows (M, ..., rotary_dim // 2). Callers check `ready()` and the shapes the C++ side documents."""
+    return _module.decode_layer(  # type: ignore[union-attr]
+        h.contiguous(), ln1, wqkv, bqkv, wdense, ln2, wh4h, w4hh, k_cache, v_cache, slot_mapping.contiguous(),
+        block_tables.contiguous(), context_lens.contiguous(), cos.flatten(1), sin.flatten(1), heads,
+        kv_heads, rotary_dim, eps, scale)

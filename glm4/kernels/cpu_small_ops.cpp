@@ -4,12 +4,9 @@
 // Why: at batch 1 each of these is a chain of 5-10 tiny torch ops (RMSNorm alone is pow, mean, add, rsqrt, mul,
 // mul) costing 15-30 us of dispatch each time, and torch's argmax over 151552 logits runs scalar (~250 us).
 // Together they were ~1 ms of a ~14 ms decode step of the `small` benchmark model.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "cpu_kernels.h"
 
-#include <cmath>
-#include <limits>
+#include <ATen/Parallel.h>
 
 // x: (rows, n) fp32 with unit stride in n; weight: (n,) -> weight * x / sqrt(mean(x^2) + eps), as GLM-4 computes.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
@@ -22,20 +19,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   const float* wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * ld;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(xr + i), acc);
-      float ss = _mm512_reduce_add_ps(acc);
-      for (; i < n; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / float(n) + float(eps));
-      const __m512 iv = _mm512_set1_ps(inv);
-      float* yr = yp + r * n;
-      for (i = 0; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_loadu_ps(wp + i), _mm512_mul_ps(_mm512_loadu_ps(xr + i), iv)));
-      for (; i < n; ++i) yr[i] = wp[i] * (xr[i] * inv);
-    }
+    for (int64_t r = r0; r < r1; ++r) glm4k::rms_norm_row(xp + r * ld, wp, yp + r * n, n, float(eps));
   });
   return y;
 }
@@ -56,18 +40,7 @@ void rotary_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& 
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   at::parallel_for(0, tokens, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* c = cp + t * half;
-      const float* s = sp + t * half;
-      for (int64_t h = 0; h < heads; ++h) {
-        float* x = p + t * ld + h * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x0 = x[2 * i], x1 = x[2 * i + 1];
-          x[2 * i] = x0 * c[i] - x1 * s[i];
-          x[2 * i + 1] = x1 * c[i] + x0 * s[i];
-        }
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t) glm4k::rotary_row(p + t * ld, cp + t * half, sp + t * half, heads, head_dim, rotary_dim);
   });
 }
 

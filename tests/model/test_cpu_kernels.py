@@ -219,3 +219,86 @@ def test_argmax_kernel_matches_torch_including_ties_and_nan():
     x[4, :] = -float("inf")
     torch.testing.assert_close(cpu.argmax(x), x.argmax(-1))
     assert cpu.argmax(x[:, :17].contiguous()).tolist() == x[:, :17].argmax(-1).tolist()
+
+
+def _random_model(config, seed: int):
+    from glm4.model import GLM4ForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = GLM4ForCausalLM(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "layernorm" in name else torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    return model
+
+
+def _decode_metadata(tables: list[list[int]], lens: list[int], block_size: int, index_dtype):
+    from glm4.layers.attention import AttentionMetadata
+
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=index_dtype)
+    return AttentionMetadata(slot_mapping=torch.tensor(slots), block_tables=bt, context_lens=torch.tensor(lens),
+                             query_lens=[1] * len(lens), context_lens_list=lens, block_size=block_size)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["tiny", "glm-4-9b heads", "no qkv bias"])
+@pytest.mark.parametrize("rows", [1, 3, cpu.MAX_ROWS])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_fused_decode_layer_matches_the_unfused_block(layout, rows, index_dtype, monkeypatch):
+    """A pure decode step through `cpu.decode_layer` (one call per block) gives the same hidden states and writes
+    the same K/V as the block run op by op on the same kernels, for 1 to MAX_ROWS rows at contexts across block
+    edges, GLM-4-9B's head layout (32 query heads sharing 2 KV heads of 128) and a checkpoint without qkv bias."""
+    from glm4.config import preset
+
+    overrides = {"tiny": {}, "glm-4-9b heads": dict(hidden_size=256, ffn_hidden_size=320, num_attention_heads=32,
+                                                    head_dim=128, rotary_dim=64),
+                 "no qkv bias": dict(add_qkv_bias=False, ffn_hidden_size=200)}[layout]
+    config = preset("tiny", **overrides)
+    model = _random_model(config, seed=rows)
+    assert model.prepare_for_cpu() == 4 * config.num_layers + 1
+    bs, num_blocks = 4, 64
+    shape = (num_blocks, bs, config.num_kv_heads, config.head_dim)
+    g = torch.Generator().manual_seed(7)
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(config.num_layers)]
+    lens = [1, 4, 5, 9, 16, 17, 30, 2][:rows]
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [perm[8 * i: 8 * i + -(-n // bs)] for i, n in enumerate(lens)]  # scattered blocks per sequence
+    meta = _decode_metadata(tables, lens, bs, index_dtype)
+    ids = torch.randint(0, config.vocab_size, (rows,), generator=g)
+    positions = torch.tensor(lens) - 1
+    calls = []
+    monkeypatch.setattr(cpu, "decode_layer", lambda *a, f=cpu.decode_layer: calls.append(1) or f(*a))
+    outs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(cpu, "FUSE_DECODE_LAYERS", fused)
+        kv = [(k.clone(), v.clone()) for k, v in caches]
+        with torch.no_grad():
+            outs[fused] = model.forward_cached(ids, positions, meta, kv), kv
+    assert len(calls) == config.num_layers  # every block took the fused path, only when switched on
+    (want, kv_want), (got, kv_got) = outs[False], outs[True]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for (k0, v0), (k1, v1) in zip(kv_want, kv_got):
+        torch.testing.assert_close(k1, k0, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(v1, v0, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_fused_decode_layer_rejects_bad_input():
+    h = torch.zeros(1, 128)
+    w = dict(ln1=torch.ones(128), wqkv=torch.zeros(256, 128), bqkv=None, wdense=torch.zeros(128, 128),
+             ln2=torch.ones(128), wh4h=torch.zeros(512, 128), w4hh=torch.zeros(128, 256))
+    kv = dict(k_cache=torch.zeros(4, 4, 2, 32), v_cache=torch.zeros(4, 4, 2, 32), slot_mapping=torch.zeros(1, dtype=torch.long),
+              block_tables=torch.zeros(1, 1, dtype=torch.long), context_lens=torch.ones(1, dtype=torch.long),
+              cos=torch.ones(1, 8), sin=torch.zeros(1, 8), heads=4, kv_heads=2, rotary_dim=16, eps=1e-6, scale=0.2)
+    cpu.decode_layer(h, **w, **kv)  # well-formed
+    with pytest.raises(RuntimeError, match=r"query_key_value.weight must be a contiguous float32 tensor of shape \[256, 128\]"):
+        cpu.decode_layer(h, **{**w, "wqkv": torch.zeros(128, 256)}, **kv)
+    with pytest.raises(RuntimeError, match="1 to 8 sequences"):
+        cpu.decode_layer(torch.zeros(9, 128), **w, **kv)
+    with pytest.raises(RuntimeError, match="int64"):
+        cpu.decode_layer(h, **w, **{**kv, "context_lens": torch.ones(1, dtype=torch.int32)})
