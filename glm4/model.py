@@ -17,7 +17,7 @@ from torch import nn
 
 from glm4.config import GLM4Config
 from glm4.layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
-from glm4.kernels import cpu
+from glm4.kernels import cpu, hugepages
 from glm4.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from glm4.layers.linear import PackableLinear, QKVParallelLinear, RowParallelLinear
 from glm4.layers.mlp import MLP
@@ -103,29 +103,8 @@ class GLMBlock(nn.Module):
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Full causal attention over (batch, seq), or over the paged cache when `meta` is given."""
-        if meta is not None and self._fuses_decode(h, meta, kv_cache):
-            return self._fused_decode(h, cos_sin, meta, kv_cache)
         q, k, v = self.pre_attention(h, cos_sin)
         return self.post_attention(h, self.self_attention.attend(q, k, v, meta, kv_cache))
-
-    def _fuses_decode(self, h: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> bool:
-        """A pure decode step of at most cpu.MAX_ROWS sequences, fp32 on an AVX-512 CPU, one rank, every linear on
-        the streaming kernels (`prepare_for_cpu`): the whole block runs as one kernel call (cpu.decode_layer)."""
-        attn, mlp = self.self_attention, self.mlp
-        return (cpu.FUSE_DECODE_LAYERS and meta.pure_decode and h.dim() == 2 and h.shape[0] <= cpu.MAX_ROWS
-                and h.dtype == torch.float32 and kv_cache[0].dtype == torch.float32 and attn.dense.tp_size == 1
-                and attn.head_dim % 16 == 0 and attn.query_key_value.streaming and attn.dense.streaming
-                and mlp.dense_h_to_4h.streaming and mlp.dense_4h_to_h.streaming)
-
-    def _fused_decode(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                      kv_cache: KVCache) -> torch.Tensor:
-        attn, mlp = self.self_attention, self.mlp
-        return cpu.decode_layer(
-            h, self.input_layernorm.weight, attn.query_key_value.weight, attn.query_key_value.bias,
-            attn.dense.weight, self.post_attention_layernorm.weight, mlp.dense_h_to_4h.weight,
-            mlp.dense_4h_to_h.weight, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
-            meta.context_lens, cos_sin[0], cos_sin[1], attn.num_heads, attn.num_kv_heads, attn.rotary_dim,
-            self.input_layernorm.eps, attn.scale)
 
 
 class Embedding(nn.Module):
@@ -162,6 +141,7 @@ class GLM4ForCausalLM(nn.Module):
         self.config = config
         self.tp = TPArgs(tp_rank, tp_size, tp_group)
         self.transformer = ChatGLMModel(config, self.tp, dtype)
+        self._decode_stack: list[torch.Tensor] | None = None  # set by prepare_for_cpu where the kernels apply
 
     @property
     def num_kv_heads_per_rank(self) -> int:
@@ -170,7 +150,37 @@ class GLM4ForCausalLM(nn.Module):
     def prepare_for_cpu(self) -> int:
         """Switch every linear to the fastest CPU kernels this machine has (see `PackableLinear`). Call after
         loading; returns how many layers were switched (0 off-CPU)."""
-        return sum(m.prepare_for_cpu() for m in self.modules() if isinstance(m, PackableLinear))
+        linears = [m for m in self.modules() if isinstance(m, PackableLinear)]
+        streamable = [m for m in linears if m.streamable()]
+        # The streaming layers' weights go into one huge-page arena, back to back in module order, which is the
+        # order a decode step reads them (qkv, dense, h_to_4h, 4h_to_h per layer, then the LM head): the step's
+        # weight reads become one long stream instead of dozens of short ones (glm4/kernels/hugepages.py).
+        arena = hugepages.Arena(hugepages.Arena.size_for([m.weight for m in streamable])) if streamable else None
+        switched = sum(m.prepare_for_cpu(arena.take(m.weight.data) if m in streamable else None) for m in linears)
+        self._decode_stack = self._fused_decode_weights()
+        return switched
+
+    def _fused_decode_weights(self) -> list[torch.Tensor] | None:
+        """The arguments of `cpu.decode_layers` (7 per layer) where it can run this model's decode steps: one rank,
+        fp32, head_dim a multiple of 16, every block's linears on the streaming kernels. Else None."""
+        weights: list[torch.Tensor] = []
+        for layer in self.transformer.encoder.layers:
+            attn, mlp = layer.self_attention, layer.mlp
+            linears = [attn.query_key_value, attn.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h]
+            if (self.tp.tp_size != 1 or attn.head_dim % 16 or not all(m.streaming for m in linears)
+                    or layer.input_layernorm.weight.dtype != torch.float32):
+                return None
+            bias = attn.query_key_value.bias
+            weights += [layer.input_layernorm.weight, attn.query_key_value.weight,
+                        bias if bias is not None else torch.empty(0), attn.dense.weight,
+                        layer.post_attention_layernorm.weight, mlp.dense_h_to_4h.weight, mlp.dense_4h_to_h.weight]
+        return weights
+
+    def _fuses_decode(self, h: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> bool:
+        """A pure decode step of at most cpu.MAX_ROWS sequences with fp32 caches, on a model prepared for the CPU
+        kernels: all blocks run as one kernel call (`cpu.decode_layers`)."""
+        return (self._decode_stack is not None and cpu.FUSE_DECODE_LAYERS and meta.pure_decode
+                and h.dim() == 2 and h.shape[0] <= cpu.MAX_ROWS and kv_caches[0][0].dtype == torch.float32)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (batch, seq) -> logits (batch, seq, vocab), full causal forward without a cache."""
@@ -190,8 +200,14 @@ class GLM4ForCausalLM(nn.Module):
         t = self.transformer
         h = t.embedding(input_ids)
         cos_sin = t.rotary_pos_emb.cos_sin(positions, h.dtype)
-        for layer, kv in zip(t.encoder.layers, kv_caches):
-            h = layer(h, cos_sin, meta, kv)
+        if self._fuses_decode(h, meta, kv_caches):
+            a = t.encoder.layers[0].self_attention
+            h = cpu.decode_layers(h, self._decode_stack, [c for kv in kv_caches for c in kv], meta.slot_mapping,
+                                  meta.block_tables, meta.context_lens, *cos_sin, a.num_heads, a.num_kv_heads,
+                                  a.rotary_dim, self.config.rms_norm_eps, a.scale)
+        else:
+            for layer, kv in zip(t.encoder.layers, kv_caches):
+                h = layer(h, cos_sin, meta, kv)
         return t.encoder.final_layernorm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

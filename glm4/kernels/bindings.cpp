@@ -9,13 +9,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 void rotary_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
              int64_t head_dim, int64_t rotary_dim);
 torch::Tensor argmax_rows(const torch::Tensor& logits);
-torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& ln1, const torch::Tensor& wqkv,
-                           const c10::optional<torch::Tensor>& bqkv, const torch::Tensor& wdense,
-                           const torch::Tensor& ln2, const torch::Tensor& wh4h, const torch::Tensor& w4hh,
-                           torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
-                           const torch::Tensor& tables, const torch::Tensor& lens, const torch::Tensor& cos,
-                           const torch::Tensor& sin, int64_t heads, int64_t kv_heads, int64_t rotary_dim,
-                           double eps, double scale);
+torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Tensor>& weights,
+                            const std::vector<torch::Tensor>& caches, const torch::Tensor& slots,
+                            const torch::Tensor& tables, const torch::Tensor& lens, const torch::Tensor& cos,
+                            const torch::Tensor& sin, int64_t heads, int64_t kv_heads, int64_t rotary_dim,
+                            double eps, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T (+ b) for up to 8 rows of x, fp32, AVX-512 (cpu_gemv.cpp)");
@@ -24,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "GLM-4 RMSNorm over fp32 rows (cpu_small_ops.cpp)");
   m.def("rotary_", &rotary_, "interleaved partial rotary embedding of q and k, in place, fp32 (cpu_small_ops.cpp)");
   m.def("argmax_rows", &argmax_rows, "first index of each fp32 row's maximum (cpu_small_ops.cpp)");
-  m.def("decode_layer", &decode_layer, "one GLM-4 block for up to 8 decode rows, fp32 (cpu_decode_layer.cpp)");
+  m.def("decode_layers", &decode_layers, "the GLM-4 blocks of a decode step of up to 8 rows, fp32 "
+        "(cpu_decode_layers.cpp)");
 }

@@ -9,8 +9,9 @@
   instead of gathering K/V into a padded tensor, masking and calling SDPA (~10 small ops per layer).
 * `rms_norm`, `rotary_`, `argmax` (`cpu_small_ops.cpp`): fp32 RMSNorm, rotary embedding and greedy argmax in one
   call each instead of chains of tiny torch ops (torch's argmax over 151552 logits alone takes ~250 us).
-* `decode_layer` (`cpu_decode_layer.cpp`): a whole block of a pure decode step of up to MAX_ROWS sequences in one
-  call and one parallel region, built from the kernels above (`cpu_kernels.h`): no per-op dispatch or fork/join.
+* `decode_layers` (`cpu_decode_layers.cpp`): all the blocks of a pure decode step of up to MAX_ROWS sequences in
+  one call and one parallel region, built from the kernels above (`cpu_kernels.h`): no per-op dispatch or
+  fork/join, no Python between layers.
 
 Layers ask `ready()` before using the small ops, which never triggers a build: the kernels are built when the
 engine's CPU runner prepares the model (`PackableLinear.prepare_for_cpu`).
@@ -36,7 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "cpu_gemv.cpp", "cpu_attention.cpp",
-                                                     "cpu_small_ops.cpp", "cpu_decode_layer.cpp")]
+                                                     "cpu_small_ops.cpp", "cpu_decode_layers.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _NAME = "glm4_cpu_kernels"  # torch rebuilds when a source or flag changes
 MAX_ROWS = 8  # activation rows per call; kMaxRows in cpu_gemv.cpp
@@ -157,19 +158,19 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return _module.argmax_rows(logits)  # type: ignore[union-attr]
 
 
-# Whether GLM-4 blocks run pure decode steps through `decode_layer` (tests switch it off to compare).
+# Whether the model runs pure decode steps through `decode_layers` (tests switch it off to compare).
 FUSE_DECODE_LAYERS = True
 
 
-def decode_layer(h: torch.Tensor, ln1: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
-                 wdense: torch.Tensor, ln2: torch.Tensor, wh4h: torch.Tensor, w4hh: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 heads: int, kv_heads: int, rotary_dim: int, eps: float, scale: float) -> torch.Tensor:
-    """One GLM-4 block for a pure decode step: h (M <= MAX_ROWS, hidden) fp32, one new token per sequence, whose
-    K/V are written to the caches at `slot_mapping` -> the block's output (M, hidden). cos/sin: the tokens' rotary
-    table rows (M, ..., rotary_dim // 2). Callers check `ready()` and the shapes the C++ side documents."""
-    return _module.decode_layer(  # type: ignore[union-attr]
-        h.contiguous(), ln1, wqkv, bqkv, wdense, ln2, wh4h, w4hh, k_cache, v_cache, slot_mapping.contiguous(),
-        block_tables.contiguous(), context_lens.contiguous(), cos.flatten(1), sin.flatten(1), heads,
-        kv_heads, rotary_dim, eps, scale)
+def decode_layers(h: torch.Tensor, weights: list[torch.Tensor], caches: list[torch.Tensor],
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, rotary_dim: int, eps: float,
+                  scale: float) -> torch.Tensor:
+    """Every GLM-4 block of a pure decode step in one call: h (M <= MAX_ROWS, hidden) fp32, one new token per
+    sequence -> the last block's output (M, hidden). `weights`: 7 per layer (input_layernorm, query_key_value
+    weight and bias (an empty tensor for none), dense, post_attention_layernorm, dense_h_to_4h, dense_4h_to_h);
+    `caches`: k and v per layer, written at `slot_mapping`. cos/sin: the tokens' rotary table rows
+    (M, ..., rotary_dim // 2). Callers check `ready()`; the C++ side checks every shape."""
+    return _module.decode_layers(  # type: ignore[union-attr]
+        h.contiguous(), weights, caches, slot_mapping.contiguous(), block_tables.contiguous(),
+        context_lens.contiguous(), cos.flatten(1), sin.flatten(1), heads, kv_heads, rotary_dim, eps, scale)

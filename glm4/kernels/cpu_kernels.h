@@ -1,5 +1,5 @@
 // The inner loops of the CPU kernels (AVX-512, fp32 math), shared by the per-op entry points (cpu_gemv.cpp,
-// cpu_attention.cpp, cpu_small_ops.cpp) and the fused decode layer (cpu_decode_layer.cpp). Plain functions over
+// cpu_attention.cpp, cpu_small_ops.cpp) and the fused decode layer (cpu_decode_layers.cpp). Plain functions over
 // raw pointers and index ranges: callers decide how work is split across threads.
 #pragma once
 

@@ -76,13 +76,22 @@ class PackableLinear(nn.Module):
     packed_weight: torch.Tensor | None = None
     streaming: bool = False
 
-    def prepare_for_cpu(self) -> bool:
+    def streamable(self) -> bool:
+        """True when `prepare_for_cpu` would put this layer on the streaming GEMV (fp32 weights, AVX-512 kernels)."""
+        return self.packed_weight is None and not self.streaming and cpu.can_use(self.weight)
+
+    def prepare_for_cpu(self, streaming_weight: torch.Tensor | None = None) -> bool:
         """Switch this layer to the CPU kernels above; False where neither applies (non-CPU device, fp16,
-        PyTorch build without oneDNN) or when already done. Irreversible: call after loading weights."""
+        PyTorch build without oneDNN) or when already done. Irreversible: call after loading weights.
+
+        `streaming_weight`: for a streamable layer, its weight already copied where it should live (the model
+        lays all its weights out in one huge-page arena, `GLM4ForCausalLM.prepare_for_cpu`); by default a huge-page
+        copy of its own."""
         if self.packed_weight is not None or self.streaming:
             return False
         if cpu.can_use(self.weight):
-            self.weight.data = hugepages.copy_to_huge_pages(self.weight.data)
+            self.weight.data = (hugepages.copy_to_huge_pages(self.weight.data) if streaming_weight is None
+                                else streaming_weight)
             self.streaming = True
             return True
         if not onednn.can_pack(self.weight):

@@ -53,7 +53,13 @@ def test_packed_model_matches_dense(tiny_checkpoint, dtype, tol, no_kernels):
 def test_streaming_model_matches_dense(tiny_checkpoint):
     linears = _compare_models(tiny_checkpoint, torch.float32, 1e-5)
     assert all(m.streaming and m.packed_weight is None for m in linears)
-    assert all(m.weight.data_ptr() % hugepages.HUGE_PAGE == 0 for m in linears if m.weight.nbytes >= 2 << 20)
+    # One huge-page arena holding every weight back to back in the order a decode step reads them (module order),
+    # each starting on a cache line.
+    ptrs = [m.weight.data_ptr() for m in linears]
+    assert len({m.weight.untyped_storage().data_ptr() for m in linears}) == 1
+    assert ptrs == sorted(ptrs) and all(p % hugepages.Arena.ALIGN == 0 for p in ptrs)
+    for m, nxt in zip(linears, linears[1:]):
+        assert nxt.weight.data_ptr() - m.weight.data_ptr() == -(-m.weight.nbytes // 64) * 64
 
 
 @needs_onednn
@@ -128,6 +134,17 @@ def test_huge_page_copy_is_equal_and_advised():
         assert flags is not None and "hg" in flags
     small = hugepages.copy_to_huge_pages(torch.arange(10.0))  # under 2 MiB: plain memory, same values
     assert torch.equal(small, torch.arange(10.0))
+
+
+def test_arena_packs_tensors_back_to_back_and_refuses_overflow():
+    parts = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64), torch.randn(1 << 20)]  # 60 B, 56 B, 4 MiB
+    arena = hugepages.Arena(hugepages.Arena.size_for(parts))
+    copies = [arena.take(t) for t in parts]
+    assert all(torch.equal(c, t) and c.dtype == t.dtype and c.shape == t.shape for c, t in zip(copies, parts))
+    assert [c.data_ptr() - copies[0].data_ptr() for c in copies] == [0, 64, 128]
+    assert copies[0].data_ptr() % hugepages.HUGE_PAGE == 0 or not sys.platform.startswith("linux")
+    with pytest.raises(ValueError, match="arena of .* bytes is full"):
+        arena.take(torch.zeros(1))
 
 
 def _reference_decode_attention(q, k_cache, v_cache, tables, lens, scale):
@@ -249,9 +266,9 @@ def _decode_metadata(tables: list[list[int]], lens: list[int], block_size: int, 
 @pytest.mark.parametrize("layout", ["tiny", "glm-4-9b heads", "no qkv bias"])
 @pytest.mark.parametrize("rows", [1, 3, cpu.MAX_ROWS])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_fused_decode_layer_matches_the_unfused_block(layout, rows, index_dtype, monkeypatch):
-    """A pure decode step through `cpu.decode_layer` (one call per block) gives the same hidden states and writes
-    the same K/V as the block run op by op on the same kernels, for 1 to MAX_ROWS rows at contexts across block
+def test_fused_decode_layers_match_the_unfused_blocks(layout, rows, index_dtype, monkeypatch):
+    """A pure decode step through `cpu.decode_layers` (one call for all blocks) gives the same hidden states and
+    writes the same K/V as the blocks run op by op on the same kernels, for 1 to MAX_ROWS rows at contexts across block
     edges, GLM-4-9B's head layout (32 query heads sharing 2 KV heads of 128) and a checkpoint without qkv bias."""
     from glm4.config import preset
 
@@ -272,14 +289,14 @@ def test_fused_decode_layer_matches_the_unfused_block(layout, rows, index_dtype,
     ids = torch.randint(0, config.vocab_size, (rows,), generator=g)
     positions = torch.tensor(lens) - 1
     calls = []
-    monkeypatch.setattr(cpu, "decode_layer", lambda *a, f=cpu.decode_layer: calls.append(1) or f(*a))
+    monkeypatch.setattr(cpu, "decode_layers", lambda *a, f=cpu.decode_layers: calls.append(1) or f(*a))
     outs = {}
     for fused in (False, True):
         monkeypatch.setattr(cpu, "FUSE_DECODE_LAYERS", fused)
         kv = [(k.clone(), v.clone()) for k, v in caches]
         with torch.no_grad():
             outs[fused] = model.forward_cached(ids, positions, meta, kv), kv
-    assert len(calls) == config.num_layers  # every block took the fused path, only when switched on
+    assert len(calls) == 1  # the fused path ran, and only when switched on
     (want, kv_want), (got, kv_got) = outs[False], outs[True]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     for (k0, v0), (k1, v1) in zip(kv_want, kv_got):
@@ -288,17 +305,22 @@ def test_fused_decode_layer_matches_the_unfused_block(layout, rows, index_dtype,
 
 
 @needs_kernels
-def test_fused_decode_layer_rejects_bad_input():
+def test_fused_decode_layers_reject_bad_input():
     h = torch.zeros(1, 128)
-    w = dict(ln1=torch.ones(128), wqkv=torch.zeros(256, 128), bqkv=None, wdense=torch.zeros(128, 128),
-             ln2=torch.ones(128), wh4h=torch.zeros(512, 128), w4hh=torch.zeros(128, 256))
-    kv = dict(k_cache=torch.zeros(4, 4, 2, 32), v_cache=torch.zeros(4, 4, 2, 32), slot_mapping=torch.zeros(1, dtype=torch.long),
-              block_tables=torch.zeros(1, 1, dtype=torch.long), context_lens=torch.ones(1, dtype=torch.long),
-              cos=torch.ones(1, 8), sin=torch.zeros(1, 8), heads=4, kv_heads=2, rotary_dim=16, eps=1e-6, scale=0.2)
-    cpu.decode_layer(h, **w, **kv)  # well-formed
-    with pytest.raises(RuntimeError, match=r"query_key_value.weight must be a contiguous float32 tensor of shape \[256, 128\]"):
-        cpu.decode_layer(h, **{**w, "wqkv": torch.zeros(128, 256)}, **kv)
+    layer = [torch.ones(128), torch.zeros(256, 128), torch.empty(0), torch.zeros(128, 128), torch.ones(128),
+             torch.zeros(512, 128), torch.zeros(128, 256)]
+    caches = [torch.zeros(4, 4, 2, 32) for _ in range(4)]
+    kv = dict(slot_mapping=torch.zeros(1, dtype=torch.long), block_tables=torch.zeros(1, 1, dtype=torch.long),
+              context_lens=torch.ones(1, dtype=torch.long), cos=torch.ones(1, 8), sin=torch.zeros(1, 8), heads=4,
+              kv_heads=2, rotary_dim=16, eps=1e-6, scale=0.2)
+    assert cpu.decode_layers(h, layer + layer, caches, **kv).shape == (1, 128)  # well-formed, two layers
+    bad = layer[:1] + [torch.zeros(128, 256)] + layer[2:]
+    with pytest.raises(RuntimeError, match=r"layer 1 query_key_value.weight must be a contiguous float32 tensor "
+                                           r"of shape \[256, 128\]"):
+        cpu.decode_layers(h, layer + bad, caches, **kv)
+    with pytest.raises(RuntimeError, match="7 weights and 2 caches per layer"):
+        cpu.decode_layers(h, layer, caches, **kv)
     with pytest.raises(RuntimeError, match="1 to 8 sequences"):
-        cpu.decode_layer(torch.zeros(9, 128), **w, **kv)
+        cpu.decode_layers(torch.zeros(9, 128), layer + layer, caches, **kv)
     with pytest.raises(RuntimeError, match="int64"):
-        cpu.decode_layer(h, **w, **{**kv, "context_lens": torch.ones(1, dtype=torch.int32)})
+        cpu.decode_layers(h, layer + layer, caches, **{**kv, "context_lens": torch.ones(1, dtype=torch.int32)})
