@@ -173,7 +173,12 @@ torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Ten
          act.data_ptr<float>()};
   const float* h0 = h.data_ptr<float>();
   float* out[2] = {bufs[0].data_ptr<float>(), bufs[1].data_ptr<float>()};
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(sp[m] >= 0 && sp[m] < blocks * BS, "decode_layers: slot ", sp[m], " of row ", m,
+                " is outside the cache's ", blocks * BS, " slots");
   auto run = [&](auto* table_ptr) {
+    glm4k::check_paged_inputs("decode_layers", table_ptr, tables.size(1), s.lens, M, BS, blocks);
     // One parallel region for the whole stack: layer l reads the previous layer's output buffer and writes the
     // other one (each layer ends with a barrier).
 #pragma omp parallel num_threads(at::get_num_threads())

@@ -121,7 +121,22 @@ inline void rotary_row(float* row, const float* c, const float* s, int64_t heads
   }
 }
 
-// ---- paged decode attention: one (sequence i, KV head g) task -----------------------------------------------------
+// ---- paged decode attention ----------------------------------------------------------------------------------------
+// The kernels index the caches with these values unchecked; a bad table or length must be an error, not a read or
+// write outside the cache. O(n * W): nothing next to the attention itself.
+template <typename Index>
+void check_paged_inputs(const char* who, const Index* tables, int64_t W, const int64_t* lens, int64_t n,
+                        int64_t BS, int64_t blocks) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= W * BS, who, ": context length ", lens[i], " of row ", i,
+                " is not in [1, ", W * BS, "] (its block table holds ", W, " blocks of ", BS, ")");
+    for (int64_t j = 0; j < (lens[i] + BS - 1) / BS; ++j)
+      TORCH_CHECK(tables[i * W + j] >= 0 && tables[i * W + j] < blocks, who, ": block id ", int64_t(tables[i * W + j]),
+                  " in row ", i, " of the block tables is not in [0, ", blocks, ")");
+  }
+}
+
+// One (sequence i, KV head g) task -----------------------------------------------------
 // q: (n, H, D); caches (blocks, BS, KVH, D); tables (n, W); lens (n,). Reads the task's keys once to score the G query
 // heads that share them, takes the softmax (max-subtracted, so exp never overflows), then reads its values once.
 template <typename T, typename Index>

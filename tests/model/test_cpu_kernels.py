@@ -192,6 +192,10 @@ def test_paged_decode_attention_rejects_bad_input():
                                    1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         cpu.paged_decode_attention(q.bfloat16(), k, k, scale=1.0, **ok)
+    with pytest.raises(RuntimeError, match=r"context length 9 of row 0 is not in \[1, 8\]"):
+        cpu.paged_decode_attention(q, k, k, ok["block_tables"], torch.tensor([9]), 1.0)
+    with pytest.raises(RuntimeError, match=r"block id 4 in row 0 of the block tables is not in \[0, 4\)"):
+        cpu.paged_decode_attention(q, k, k, torch.tensor([[4]]), ok["context_lens"], 1.0)
 
 
 @needs_kernels
@@ -324,3 +328,7 @@ def test_fused_decode_layers_reject_bad_input():
         cpu.decode_layers(torch.zeros(9, 128), layer + layer, caches, **kv)
     with pytest.raises(RuntimeError, match="int64"):
         cpu.decode_layers(h, layer + layer, caches, **{**kv, "context_lens": torch.ones(1, dtype=torch.int32)})
+    with pytest.raises(RuntimeError, match="slot 16 of row 0 is outside the cache's 16 slots"):
+        cpu.decode_layers(h, layer + layer, caches, **{**kv, "slot_mapping": torch.tensor([16])})
+    with pytest.raises(RuntimeError, match=r"block id -1 in row 0"):
+        cpu.decode_layers(h, layer + layer, caches, **{**kv, "block_tables": torch.tensor([[-1]])})

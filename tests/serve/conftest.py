@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 API_KEY = "test-key-0123456789"
 APP_NAME = "glm4-serve-test"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048  # the tiny model's max_position_embeddings: room for requests that run for seconds
 MAX_ONGOING = 8
 MAX_QUEUED = 24  # MAX_ONGOING + MAX_QUEUED = 32: the 32-stream test fits exactly; a 33rd waiter would get 429
 
@@ -33,7 +33,7 @@ def app_args(model_dir: Path | str, **overrides) -> dict:
         "api_key": API_KEY,
         "num_cpus": 0.5,
         "max_model_len": MAX_MODEL_LEN,
-        "kv_cache_memory": 16 * 2**20,
+        "kv_cache_memory": 64 * 2**20,
         "dtype": "float32",
         "device": "cpu",
         "max_ongoing_requests": MAX_ONGOING,

@@ -14,7 +14,7 @@ from .conftest import MAX_ONGOING, MAX_QUEUED
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-LONG = 480  # tokens: with ignore_eos the request runs for seconds unless aborted
+LONG = 2000  # tokens: with ignore_eos the request runs for seconds unless aborted
 
 
 def _long_body(model: str, stream: bool, i: int = 0) -> dict:
@@ -148,6 +148,7 @@ def test_disconnected_non_streaming_request_is_aborted(serve_app):
             c.post("/v1/completions", json=_long_body(serve_app.model, False))
     after = serve_app.wait_idle(timeout=10)
     generated = after["engine"]["num_generated_tokens"] - before["engine"]["num_generated_tokens"]
-    # (a lone request decodes ~400 tokens/s here: the 0.25 s before the client gives up are ~100 tokens)
-    assert generated < LONG - 100, f"request kept generating after the client left ({generated} tokens)"
+    # A lone request decodes up to ~3k tokens/s here, so the whole request takes well under a second: what shows
+    # the abort is that it stopped short of LONG and was counted as aborted, not as finished.
+    assert generated < LONG, f"request kept generating after the client left ({generated} tokens)"
     assert after["counters"]["requests_aborted"] == before["counters"]["requests_aborted"] + 1
