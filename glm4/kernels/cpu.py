@@ -40,7 +40,7 @@ _SOURCES = [Path(__file__).with_name(f) for f in ("bindings.cpp", "cpu_gemv.cpp"
                                                      "cpu_small_ops.cpp", "cpu_decode_layers.cpp")]
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _NAME = "glm4_cpu_kernels"  # torch rebuilds when a source or flag changes
-MAX_ROWS = 8  # activation rows per call; kMaxRows in cpu_gemv.cpp
+MAX_ROWS = 8  # activation rows per call; kMaxRows in cpu_kernels.h
 ENV_SWITCH = "GLM4_CPU_KERNELS"
 # -fopenmp matters: at::parallel_for is inlined from ATen's headers, and without it the pragma is dropped and every
 # kernel runs on one thread. libgomp's soname is the one torch loads, so both share torch's thread pool.

@@ -23,7 +23,8 @@ void run(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& v
   T* op = out.data_ptr<T>();
   glm4k::check_paged_inputs("paged_decode_attention", tp, W, lp, n, BS, kc.size(0));
   at::parallel_for(0, n * KVH, 1, [&](int64_t a, int64_t b) {
-    for (int64_t task = a; task < b; ++task) glm4k::attend_task<T, Index>(qp, kp, vp, tp, lp, op, H, KVH, D, BS, W, scale, task);
+    for (int64_t task = a; task < b; ++task)
+      glm4k::attend_task<T, Index>(qp, kp, vp, tp, lp, op, H, KVH, D, BS, W, scale, task);
   });
 }
 

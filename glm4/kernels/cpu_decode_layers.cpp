@@ -1,14 +1,14 @@
-// The stack of GLM-4 blocks for a pure decode step (1 to 8 sequences, one new token each), fp32, AVX-512. Each block:
+// The stack of GLM-4 blocks for a pure decode step (1 to 8 sequences, one new token each), fp32, AVX-512. Per block:
 //
 //   x = RMSNorm(h); qkv = x Wqkv^T + b; rotary(q, k); cache[slot] = k, v; a = attention over the paged cache;
 //   h = h + a Wdense^T; x = RMSNorm(h); [gate; up] = x Wh4h^T; h = h + (silu(gate) * up) W4hh^T
 //
 // Why: at batch 1 every weight is read once per step, so a step should cost its weight bytes over the memory
-// bandwidth. Run op by op, a block is ~15 torch/Python calls and 8 thread-pool fork/joins; on the `small` benchmark
-// model that overhead was a third of a decode step (bench/README.md). Here all the blocks are ONE call and ONE
-// OpenMP parallel region: the threads split each matmul's output rows statically and meet at a barrier between
-// phases, and the tiny per-row ops run on one thread while the others wait. The math is the per-op kernels' (cpu_kernels.h),
-// so results match the unfused path, except SiLU (here a vectorised exp; torch's differs in the last ulp).
+// bandwidth. Run op by op, a block is ~15 torch/Python calls and 8 thread-pool fork/joins (~40 us per block on
+// top of its weight reads, mostly Python). Here all the blocks are ONE call and ONE OpenMP parallel region: the
+// threads split each matmul's output rows statically and meet at a barrier between phases, and the tiny per-row
+// ops run on one thread while the others wait. The math is the per-op kernels' (cpu_kernels.h), so results match
+// the unfused path, except SiLU (here a vectorised exp; torch's differs in the last ulp).
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>

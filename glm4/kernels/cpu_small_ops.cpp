@@ -40,7 +40,8 @@ void rotary_(torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& 
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   at::parallel_for(0, tokens, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) glm4k::rotary_row(p + t * ld, cp + t * half, sp + t * half, heads, head_dim, rotary_dim);
+    for (int64_t t = t0; t < t1; ++t)
+      glm4k::rotary_row(p + t * ld, cp + t * half, sp + t * half, heads, head_dim, rotary_dim);
   });
 }
 

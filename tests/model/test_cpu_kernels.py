@@ -250,7 +250,8 @@ def _random_model(config, seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "layernorm" in name else torch.randn(p.shape, generator=g))
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(1 + 0.1 * noise if "layernorm" in name else noise)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
     return model
