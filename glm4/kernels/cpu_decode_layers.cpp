@@ -6,9 +6,9 @@
 // Why: at batch 1 every weight is read once per step, so a step should cost its weight bytes over the memory
 // bandwidth. Run op by op, a block is ~15 torch/Python calls and 8 thread-pool fork/joins (~40 us per block on
 // top of its weight reads, mostly Python). Here all the blocks are ONE call and ONE OpenMP parallel region: the
-// threads split each matmul's output rows statically and meet at a barrier between phases, and the tiny per-row
-// ops run on one thread while the others wait. The math is the per-op kernels' (cpu_kernels.h), so results match
-// the unfused path, except SiLU (here a vectorised exp; torch's differs in the last ulp).
+// threads split each matmul's output rows statically and meet at a barrier between phases; the tiny per-row ops
+// are recomputed per thread or split with the attention tasks. The math is the per-op kernels' (cpu_kernels.h), so
+// results match the unfused path, except SiLU (here a vectorised exp; torch's differs in the last ulp).
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -44,7 +44,8 @@ struct Step {
   const int64_t* lens;
   const float* cos;
   const float* sin;
-  float *x, *qkv, *attn, *mid, *act;  // scratch: (M, hidden), (M, max(width, 2 ffn)), (M, H D), (M, hidden), (M, ffn)
+  float *x, *qkv, *attn, *mid, *act;  // scratch: (threads, M, hidden), (M, max(width, 2 ffn)), (M, H D),
+                                      // (M, hidden), (M, ffn)
 };
 
 struct LayerWeights {
@@ -52,34 +53,41 @@ struct LayerWeights {
   float *kc, *vc;
 };
 
-// One block, run by every thread of the enclosing parallel region (the `omp single` / `omp barrier` directives
-// bind to it). Reads h (M, hidden), writes out (M, hidden); ends with a barrier, so `out` is complete on return.
+// One block, run by every thread of the enclosing parallel region (its `omp barrier`s bind to that region).
+// Reads h (M, hidden), writes out (M, hidden); ends with a barrier, so `out` is complete on return. Five barriers
+// per block, one after each matmul that the next phase reads whole: RMSNorm is recomputed by every thread into its
+// own scratch (a few hundred floats) instead of one thread computing it between two barriers, and each attention
+// task rotates and caches the q/k heads it owns.
 template <typename Index>
 void layer_body(const Step& s, const LayerWeights& w, const Index* tables, const float* h, float* out) {
-  const int64_t M = s.M, hidden = s.hidden, ffn = s.ffn, D = s.D, KVH = s.KVH, H = s.H;
+  const int64_t M = s.M, hidden = s.hidden, ffn = s.ffn, D = s.D, KVH = s.KVH, H = s.H, G = H / KVH;
   const int64_t q_size = H * D, kv_size = KVH * D, width = q_size + 2 * kv_size, half = s.rotary_dim / 2;
   const glm4k::GemvKernel gemv = glm4k::gemv_kernel(M);
   const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+  float* x = s.x + t * M * hidden;  // this thread's normalised input
   int64_t a, b;
-#pragma omp single
-  for (int64_t m = 0; m < M; ++m) glm4k::rms_norm_row(h + m * hidden, w.ln1, s.x + m * hidden, hidden, s.eps);
+  for (int64_t m = 0; m < M; ++m) glm4k::rms_norm_row(h + m * hidden, w.ln1, x + m * hidden, hidden, s.eps);
   split(width, t, nt, &a, &b);
-  gemv(s.x, hidden, w.wqkv, hidden, w.bqkv, s.qkv, width, a, b);
+  gemv(x, hidden, w.wqkv, hidden, w.bqkv, s.qkv, width, a, b);
 #pragma omp barrier
-#pragma omp single
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = s.qkv + m * width;
-    glm4k::rotary_row(row, s.cos + m * half, s.sin + m * half, H + KVH, D, s.rotary_dim);
-    std::copy(row + q_size, row + q_size + kv_size, w.kc + s.slots[m] * kv_size);
-    std::copy(row + q_size + kv_size, row + width, w.vc + s.slots[m] * kv_size);
-  }
+  // Task (row m, KV head g): rotate the G query heads of the group and its key head, store its key and value at
+  // the row's slot, attend. Tasks touch disjoint heads, and a row's new slot lies in a block no other row writes.
   // Row m's q is qkv[m, :q_size] (row stride `width`): attend_task addresses a dense (n, H, D) q, so each task
   // gets its row's base pointers and index 0.
   split(M * KVH, t, nt, &a, &b);
   for (int64_t task = a; task < b; ++task) {
-    const int64_t m = task / KVH;
-    glm4k::attend_task<float, Index>(s.qkv + m * width, w.kc, w.vc, tables + m * s.W, s.lens + m,
-                                     s.attn + m * q_size, H, KVH, D, s.BS, s.W, s.scale, task % KVH);
+    const int64_t m = task / KVH, g = task % KVH;
+    float* row = s.qkv + m * width;
+    const float* c = s.cos + m * half;
+    const float* sn = s.sin + m * half;
+    glm4k::rotary_row(row + g * G * D, c, sn, G, D, s.rotary_dim);
+    glm4k::rotary_row(row + q_size + g * D, c, sn, 1, D, s.rotary_dim);
+    const float* k = row + q_size + g * D;
+    const float* v = k + kv_size;
+    std::copy(k, k + D, w.kc + s.slots[m] * kv_size + g * D);
+    std::copy(v, v + D, w.vc + s.slots[m] * kv_size + g * D);
+    glm4k::attend_task<float, Index>(row, w.kc, w.vc, tables + m * s.W, s.lens + m, s.attn + m * q_size, H, KVH,
+                                     D, s.BS, s.W, s.scale, g);
   }
 #pragma omp barrier
   split(hidden, t, nt, &a, &b);
@@ -87,15 +95,14 @@ void layer_body(const Step& s, const LayerWeights& w, const Index* tables, const
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = a; r < b; ++r) s.mid[m * hidden + r] += h[m * hidden + r];
 #pragma omp barrier
-#pragma omp single
-  for (int64_t m = 0; m < M; ++m) glm4k::rms_norm_row(s.mid + m * hidden, w.ln2, s.x + m * hidden, hidden, s.eps);
+  for (int64_t m = 0; m < M; ++m) glm4k::rms_norm_row(s.mid + m * hidden, w.ln2, x + m * hidden, hidden, s.eps);
   // Each thread computes the gate rows [a, b) and the matching up rows, then their SwiGLU: no barrier between the
   // projection and the activation. [gate | up] reuses the qkv buffer (sized for both by the caller).
   split(ffn, t, nt, &a, &b);
   float* gate = s.qkv;
   float* up = s.qkv + M * ffn;
-  gemv(s.x, hidden, w.wh4h, hidden, nullptr, gate, ffn, a, b);
-  gemv(s.x, hidden, w.wh4h + ffn * hidden, hidden, nullptr, up, ffn, a, b);
+  gemv(x, hidden, w.wh4h, hidden, nullptr, gate, ffn, a, b);
+  gemv(x, hidden, w.wh4h + ffn * hidden, hidden, nullptr, up, ffn, a, b);
   for (int64_t m = 0; m < M; ++m) silu_mul(gate + m * ffn + a, up + m * ffn + a, s.act + m * ffn + a, b - a);
 #pragma omp barrier
   split(hidden, t, nt, &a, &b);
@@ -107,7 +114,7 @@ void layer_body(const Step& s, const LayerWeights& w, const Index* tables, const
 
 void check_f32(const torch::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == at::IntArrayRef(shape),
-              "decode_layer: ", name, " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
+              "decode_layers: ", name, " must be a contiguous float32 tensor of shape ", at::IntArrayRef(shape),
               ", got ", t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
@@ -163,7 +170,8 @@ torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Ten
   check_f32(cos, "cos", {M, rotary_dim / 2});
   check_f32(sin, "sin", {M, rotary_dim / 2});
   auto opts = h.options();
-  auto x = torch::empty({M, hidden}, opts), mid = torch::empty({M, hidden}, opts);
+  const int threads = at::get_num_threads();
+  auto x = torch::empty({threads, M, hidden}, opts), mid = torch::empty({M, hidden}, opts);
   auto qkv = torch::empty({M * std::max(width, 2 * ffn)}, opts);
   auto attn = torch::empty({M, q_size}, opts), act = torch::empty({M, ffn}, opts);
   torch::Tensor bufs[2] = {torch::empty({M, hidden}, opts), torch::empty({M, hidden}, opts)};
@@ -181,7 +189,7 @@ torch::Tensor decode_layers(const torch::Tensor& h, const std::vector<torch::Ten
     glm4k::check_paged_inputs("decode_layers", table_ptr, tables.size(1), s.lens, M, BS, blocks);
     // One parallel region for the whole stack: layer l reads the previous layer's output buffer and writes the
     // other one (each layer ends with a barrier).
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(threads)
     for (int64_t l = 0; l < L; ++l) layer_body(s, layers[l], table_ptr, l == 0 ? h0 : out[(l + 1) % 2], out[l % 2]);
   };
   if (tables.scalar_type() == at::kLong) run(tables.data_ptr<int64_t>()); else run(tables.data_ptr<int32_t>());

@@ -296,17 +296,26 @@ def test_fused_decode_layers_match_the_unfused_blocks(layout, rows, index_dtype,
     calls = []
     monkeypatch.setattr(cpu, "decode_layers", lambda *a, f=cpu.decode_layers: calls.append(1) or f(*a))
     outs = {}
-    for fused in (False, True):
-        monkeypatch.setattr(cpu, "FUSE_DECODE_LAYERS", fused)
-        kv = [(k.clone(), v.clone()) for k, v in caches]
-        with torch.no_grad():
-            outs[fused] = model.forward_cached(ids, positions, meta, kv), kv
-    assert len(calls) == 1  # the fused path ran, and only when switched on
-    (want, kv_want), (got, kv_got) = outs[False], outs[True]
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    for (k0, v0), (k1, v1) in zip(kv_want, kv_got):
-        torch.testing.assert_close(k1, k0, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(v1, v0, atol=2e-5, rtol=1e-5)
+    threads = torch.get_num_threads()
+    # The fused stack splits its work by thread: 1 thread, this machine's count, and more threads than KV tasks.
+    runs = [(False, threads), (True, threads), (True, 1), (True, 2 * config.num_kv_heads * rows + 1)]
+    try:
+        for fused, n in runs:
+            monkeypatch.setattr(cpu, "FUSE_DECODE_LAYERS", fused)
+            torch.set_num_threads(n)
+            kv = [(k.clone(), v.clone()) for k, v in caches]
+            with torch.no_grad():
+                outs[fused, n] = model.forward_cached(ids, positions, meta, kv), kv
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 3  # the fused path ran, and only when switched on
+    want, kv_want = outs[False, threads]
+    for run in runs[1:]:
+        got, kv_got = outs[run]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        for (k0, v0), (k1, v1) in zip(kv_want, kv_got):
+            torch.testing.assert_close(k1, k0, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(v1, v0, atol=2e-5, rtol=1e-5)
 
 
 @needs_kernels
