@@ -103,16 +103,14 @@ class LLM:
             else:
                 engine.add_request(rid, prompt, params)
         bar = _progress(len(encoded), use_tqdm)
-        start, generated = time.monotonic(), 0
+        start = time.monotonic()
         if bar is not None:
             bar.update(len(results))
         while engine.has_unfinished():
-            for out in engine.step():
-                generated += sum(1 for _ in out.outputs)  # approx: one new token per sample per step
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+            for out in engine.step(finished_only=True):
+                results[out.request_id] = out
+                if bar is not None:
+                    bar.update(1)
             if bar is not None:
                 elapsed = max(time.monotonic() - start, 1e-9)
                 bar.set_postfix_str(f"{engine.num_generated_tokens / elapsed:.0f} tok/s", refresh=False)

@@ -199,3 +199,26 @@ def test_outputs_report_prefix_cache_hits(llm):
     llm.generate([shared + [70]], GREEDY)
     out = llm.generate([shared + [71, 72]], GREEDY)[0]
     assert out.num_cached_tokens == 64, out.num_cached_tokens
+
+
+def test_step_finished_only_returns_each_request_once_when_done(ckpt_hf):
+    """Batch callers ask `step(finished_only=True)`: no incremental outputs, each request exactly once, finished,
+    with the same result as the streaming outputs' last one."""
+    results = {}
+    for finished_only in (False, True):
+        engine = glm4.LLMEngine.from_pretrained(ckpt_hf, block_size=8)
+        for rid, n in (("short", 3), ("long", 9)):
+            engine.add_request(rid, [5, 6, 7], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        engine.add_request("bad", [5], SamplingParams(temperature=0, top_p=0.0))  # fails at submission
+        seen = []
+        while engine.has_unfinished():
+            seen += engine.step(finished_only=finished_only)
+        if finished_only:
+            assert sorted(o.request_id for o in seen) == ["bad", "long", "short"]
+            assert all(o.finished for o in seen)
+        else:
+            assert len(seen) > 3 and not all(o.finished for o in seen)  # incremental outputs too
+        results[finished_only] = {o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.error)
+                                  for o in seen if o.finished}
+    assert results[True] == results[False]
+    assert len(results[True]["long"][0]) == 9 and results[True]["bad"][1] == "error"
