@@ -45,8 +45,9 @@ class VocabParallelEmbedding(_VocabShard):
 class ParallelLMHead(_VocabShard, PackableLinear):
     """Untied output layer. Every rank ends up with the full logits (all-gather over the vocabulary).
 
-    The largest matrix of a decode step (151552 x hidden): on CPU it is packed for oneDNN like the other linears,
-    which reads it ~3x faster than `F.linear` at batch 1 (see glm4/layers/onednn.py)."""
+    The largest matrix of a decode step (151552 x hidden): on CPU it gets the same kernels as the other linears
+    (`PackableLinear.prepare_for_cpu`: our streaming GEMV at the end of the weight arena, or oneDNN packed), which
+    read it 2-3x faster than `F.linear` at batch 1."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, tp_rank: int = 0, tp_size: int = 1,
                  tp_group: dist.ProcessGroup | None = None, dtype: torch.dtype | None = None) -> None:
