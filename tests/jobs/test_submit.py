@@ -260,7 +260,7 @@ def test_wait_is_bounded():
     t0 = time.monotonic()
     with pytest.raises(JobWaitTimeout, match="RUNNING"):
         client.wait(sid, timeout_s=0.5, poll_s=0.05)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # bounded, not a speed test: slack for a loaded machine
 
 
 # ------------------------------------------------------------------------------------------- addresses
@@ -283,7 +283,7 @@ def test_closed_port_fails_fast_with_the_address(no_address_env):
     t0 = time.monotonic()
     with pytest.raises(ClusterUnreachableError) as e:
         GLM4JobClient(url, timeout_s=2)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 8
     assert url in str(e.value) and "unreachable" in str(e.value)
 
 
@@ -296,7 +296,7 @@ def test_silent_server_fails_within_timeout(no_address_env):
         t0 = time.monotonic()
         with pytest.raises(ClusterUnreachableError, match="no answer within 1s"):
             GLM4JobClient(url, timeout_s=1)
-        assert time.monotonic() - t0 < 4
+        assert time.monotonic() - t0 < 8
 
 
 class _FakeDashboard(http.server.BaseHTTPRequestHandler):
