@@ -252,7 +252,7 @@ class EngineReplica:
 
     async def _generate(self, prompt: list[int], params: Any) -> RowResult:
         final = None
-        async for out in self.engine.generate(prompt, params):
+        async for out in self.engine.generate(prompt, params, final_only=True):  # one output per row
             final = out
         return to_row_result(final)
 

@@ -5,6 +5,8 @@ add requests, stream incremental outputs and abort.
     async for out in engine.generate(prompt_token_ids, SamplingParams(max_tokens=32), request_id="r1"):
         print(out.outputs[0].text)          # cumulative text so far
     await engine.abort("r1")                # or just stop iterating: the request is aborted for you
+    # generate(..., final_only=True) yields one output, when the request finishes (batch rows, non-streaming
+    # HTTP): no per-step copy, cross-thread hand-off and wake-up per request
 
 Only the loop thread touches the scheduler: `add`/`abort` are queued as commands and applied at the start of
 the next iteration, so no lock is held while the model runs. Torch releases the GIL inside its kernels, so the
@@ -53,16 +55,17 @@ class AsyncLLMEngine:
 
     # ---- public API ------------------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield incremental RequestOutputs (cumulative text/tokens) until the request finishes. Leaving the
-        iteration early (client gone, task cancelled) aborts the request and frees its KV blocks."""
+                       request_id: str | None = None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield incremental RequestOutputs (cumulative text/tokens) until the request finishes, or with
+        `final_only` just the finished one. Leaving the iteration early (client gone, task cancelled) aborts the
+        request and frees its KV blocks."""
         self._raise_if_dead()
         rid = request_id or uuid.uuid4().hex
         if rid in self._streams:
             raise ValueError(f"request id {rid!r} is already running")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._commands.put(("add", rid, list(prompt_token_ids), params or SamplingParams()))
+        self._commands.put(("add", rid, list(prompt_token_ids), params or SamplingParams(), final_only))
         self._wake.set()
         finished = False
         try:
@@ -114,18 +117,29 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params = cmd
+                _, rid, ids, params, final_only = cmd
                 if rid in self._streams:  # the caller may already have gone
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(rid, ids, params, final_only=final_only)
             else:
                 self.engine.abort(cmd[1])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One hand-off per event loop per step, not one per request: each call_soon_threadsafe wakes the loop
+        # through its self-pipe (a syscall), and a Serve replica streams dozens of requests on one loop.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
                 loop, q = target
-                loop.call_soon_threadsafe(q.put_nowait, out)
+                by_loop.setdefault(loop, []).append((q, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' event loop is closed: nobody is left to read, stop their requests
+                for _, out in items:
+                    self._streams.pop(out.request_id, None)
+                    if not out.finished:
+                        self.engine.abort(out.request_id)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -144,3 +158,8 @@ class AsyncLLMEngine:
                 for loop, q in list(self._streams.values()):
                     loop.call_soon_threadsafe(q.put_nowait, e)
                 return
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

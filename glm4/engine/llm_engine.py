@@ -5,7 +5,8 @@
     while engine.has_unfinished():
         for out in engine.step():          # incremental: every request that changed in this step
             print(out.request_id, out.text, out.finished)
-    # engine.step(finished_only=True): only the requests that finished (batch callers, e.g. LLM.generate)
+    # engine.step(finished_only=True): only the requests that finished (batch callers, e.g. LLM.generate);
+    # add_request(..., final_only=True) asks the same for one request (a batch row, a non-streaming HTTP call)
 
 A request that cannot run (invalid parameters, token ids outside the vocabulary, a prompt longer than the
 context) is finished at once with finish_reason "error" and a message; it never takes the engine down.
@@ -45,6 +46,7 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # most prompt tokens any sample took from the prefix cache
+    final_only: bool = False  # output once, when finished (no incremental outputs)
 
 
     @property
@@ -99,11 +101,15 @@ class LLMEngine:
         return self.executor.num_blocks * self.engine_config.block_size
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    final_only: bool = False) -> None:
+        """Queue a request. With `final_only` step() returns its output once, when it finishes: an incremental
+        output copies the request's tokens, text and logprobs so far, O(length) per step, which a caller that
+        only keeps the last one (a batch row, a non-streaming HTTP request) should not pay for."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params or SamplingParams()
-        req = _Request(request_id, list(prompt_token_ids), params)
+        req = _Request(request_id, list(prompt_token_ids), params, final_only=final_only)
         self._requests[request_id] = req
         try:
             if not isinstance(params, SamplingParams):
@@ -188,7 +194,7 @@ class LLMEngine:
             self._detokenize(seq)
             touched[req.request_id] = req
         for req in touched.values():
-            if req.finished or not finished_only:
+            if req.finished or not (finished_only or req.final_only):
                 outputs.append(self._output(req))
             if req.finished:
                 del self._requests[req.request_id]
@@ -228,7 +234,8 @@ class LLMEngine:
         if req.error is not None:
             outs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason="error")
                     for i in range(max(1, req.params.n if isinstance(req.params, SamplingParams) else 1))]
-            return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished=True, error=req.error)
+            return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished=True, error=req.error,
+                                 arrival_time=req.arrival)
         outs = []
         for seq in req.seqs:
             if not seq.is_finished and req.request_id not in self._requests:
@@ -238,7 +245,8 @@ class LLMEngine:
                                          stop_reason=seq.stop_reason,
                                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None))
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished=req.finished,
-                             num_cached_tokens=req.num_cached_tokens)
+                             num_cached_tokens=req.num_cached_tokens, arrival_time=req.arrival,
+                             first_token_time=req.first_token_time)
 
     # ---- status ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

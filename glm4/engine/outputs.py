@@ -27,6 +27,10 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None  # why the request could not run (then finish_reason is "error")
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # time.monotonic() when the engine accepted the request and when it sampled the first token (None until
+    # then): time to first token for callers that only see the final output
+    arrival_time: float | None = None
+    first_token_time: float | None = None
 
     # Convenience accessors for the common n=1 case.
     @property

@@ -71,7 +71,7 @@ logger = logging.getLogger("ray.serve")
 
 
 def _now() -> float:
-    return time.perf_counter()
+    return time.monotonic()  # the engine's clock too (RequestOutput.first_token_time)
 
 
 # The FastAPI app is module-level because GLM4Server's routes below are registered on it at class definition.
@@ -218,11 +218,13 @@ class GLM4Server:
             self.metrics.finished(state.endpoint, latency, ttft, state.prompt_tokens, state.output_tokens)
         self.metrics.request_done(state.endpoint, state.status)
 
-    async def _outputs(self, prep: Prepared, state: _RequestState) -> AsyncIterator[list[tuple[int, Any]]]:
+    async def _outputs(self, prep: Prepared, state: _RequestState,
+                       final_only: bool = False) -> AsyncIterator[list[tuple[int, Any]]]:
         """Batches of (prompt index, RequestOutput): the newest output of every prompt that advanced since the
         last batch. Outputs are cumulative, so older ones can be skipped: when the HTTP side falls behind the
         engine (a slow client, a busy proxy), the tokens of several steps go out in one event instead of queueing
-        one event per token. A consumer that keeps up gets every step at once, so this adds no latency."""
+        one event per token. A consumer that keeps up gets every step at once, so this adds no latency.
+        `final_only` (non-streaming): the engine sends each prompt's finished output only."""
         for i in range(len(prep.prompts)):
             rid = f"{state.request_id}-{i}"
             state.engine_ids.append(rid)
@@ -234,7 +236,7 @@ class GLM4Server:
 
         async def pump(i: int, rid: str) -> None:
             try:
-                async for out in self.engine.generate(prep.prompts[i], prep.params, rid):
+                async for out in self.engine.generate(prep.prompts[i], prep.params, rid, final_only=final_only):
                     latest[i] = out
                     ready.set()
             except asyncio.CancelledError:
@@ -316,12 +318,13 @@ class GLM4Server:
     # ---- non-streaming
     async def _collect(self, prep: Prepared, state: _RequestState) -> list[Any]:
         finals: list[Any] = [None] * len(prep.prompts)
-        async for batch in self._outputs(prep, state):
+        async for batch in self._outputs(prep, state, final_only=True):
             for i, out in batch:
-                if state.t_first is None and any(c.token_ids for c in out.outputs):
-                    state.t_first = _now()
-                    self.metrics.ttft(state.endpoint, state.t_first - state.t_arrival)
                 finals[i] = out
+        firsts = [out.first_token_time for out in finals if out is not None and out.first_token_time is not None]
+        if firsts:
+            state.t_first = min(firsts)
+            self.metrics.ttft(state.endpoint, state.t_first - state.t_arrival)
         for out in finals:
             if out is None:
                 raise APIError(500, "the engine returned no output", type="server_error", code="engine_error")

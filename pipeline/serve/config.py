@@ -69,7 +69,8 @@ class ServeArgs(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=2)
     max_num_seqs: Optional[int] = Field(None, ge=1)
     kv_cache_memory: Optional[float] = Field(None, gt=0, description="Bytes (>1) or a fraction of free memory.")
-    engine_cls: str = Field(DEFAULT_ENGINE_CLS, description="'module:Class' with from_pretrained(dir, **opts).")
+    engine_cls: str = Field(DEFAULT_ENGINE_CLS, description="'module:Class' with from_pretrained(dir, **opts) and "
+                            "glm4.AsyncLLMEngine's generate(ids, params, request_id, final_only=...).")
     # --- observability
     enable_access_log: bool = Field(False, description="Serve's per-request access log line.")
     stats_interval_s: float = Field(1.0, gt=0, description="How often engine gauges are refreshed.")

@@ -201,24 +201,34 @@ def test_outputs_report_prefix_cache_hits(llm):
     assert out.num_cached_tokens == 64, out.num_cached_tokens
 
 
-def test_step_finished_only_returns_each_request_once_when_done(ckpt_hf):
-    """Batch callers ask `step(finished_only=True)`: no incremental outputs, each request exactly once, finished,
-    with the same result as the streaming outputs' last one."""
-    results = {}
-    for finished_only in (False, True):
-        engine = glm4.LLMEngine.from_pretrained(ckpt_hf, block_size=8)
-        for rid, n in (("short", 3), ("long", 9)):
-            engine.add_request(rid, [5, 6, 7], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        engine.add_request("bad", [5], SamplingParams(temperature=0, top_p=0.0))  # fails at submission
-        seen = []
-        while engine.has_unfinished():
-            seen += engine.step(finished_only=finished_only)
-        if finished_only:
-            assert sorted(o.request_id for o in seen) == ["bad", "long", "short"]
-            assert all(o.finished for o in seen)
-        else:
-            assert len(seen) > 3 and not all(o.finished for o in seen)  # incremental outputs too
-        results[finished_only] = {o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.error)
-                                  for o in seen if o.finished}
-    assert results[True] == results[False]
-    assert len(results[True]["long"][0]) == 9 and results[True]["bad"][1] == "error"
+@pytest.mark.parametrize("mode", ["streaming", "step_finished_only", "per_request_final_only"])
+def test_final_only_outputs_each_request_once_when_done(ckpt_hf, llm, mode):
+    """Batch callers ask `step(finished_only=True)`, or `add_request(final_only=True)` for single requests (the
+    async engine's batch rows and non-streaming HTTP calls): no incremental outputs for them, each exactly once,
+    finished, with the same result as the streaming outputs' last one. A per-request flag leaves the other
+    requests streaming."""
+    engine = glm4.LLMEngine.from_pretrained(ckpt_hf, block_size=8)
+    final_only = {"short": mode == "per_request_final_only", "long": False, "bad": mode == "per_request_final_only"}
+    for rid, n in (("short", 3), ("long", 9)):
+        engine.add_request(rid, [5, 6, 7], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                           final_only=final_only[rid])
+    engine.add_request("bad", [5], SamplingParams(temperature=0, top_p=0.0), final_only=final_only["bad"])  # fails
+    seen = []
+    while engine.has_unfinished():
+        seen += engine.step(finished_only=mode == "step_finished_only")
+    count = {rid: sum(o.request_id == rid for o in seen) for rid in final_only}
+    if mode == "step_finished_only":
+        assert count == {"short": 1, "long": 1, "bad": 1} and all(o.finished for o in seen)
+    elif mode == "per_request_final_only":
+        assert count["short"] == 1 and count["bad"] == 1 and count["long"] == 9  # "long" still streams
+    else:
+        assert count["short"] == 3 and count["long"] == 9 and count["bad"] == 1
+    final = {o.request_id: (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.error) for o in seen if o.finished}
+    assert final["short"][1:] == ("length", None) and len(final["short"][0]) == 3
+    assert len(final["long"][0]) == 9 and final["bad"][1] == "error"
+    reference = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))[0].token_ids
+    assert final["long"][0] == reference and final["short"][0] == reference[:3]
+    # the timestamps a final-only caller needs for time to first token
+    for o in seen:
+        if o.finished and o.request_id != "bad":
+            assert o.arrival_time <= o.first_token_time
