@@ -175,13 +175,12 @@ def main() -> int:
               (bares[r][2] / bares[r][0] + bares[r + 1][2] / bares[r + 1][0]) / 2, pipes[r][1] / pipes[r][0])
              for r in range(args.rounds)]
     ratios = sorted(p_rows / b_rows for b_rows, p_rows, _, _ in pairs)
-    mid = sorted(range(len(pairs)), key=lambda r: pairs[r][1] / pairs[r][0])[len(pairs) // 2]
-    b_rows, p_rows, b_tok, p_tok = pairs[mid]
-    spread = f" (runs {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    b_rows, p_rows, b_tok, p_tok = (sum(x) / len(pairs) for x in zip(*pairs))  # mean over the rounds
+    spread = f" (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
     rows = [
-        ("(a) rows/s, median paired run", f"{b_rows:.2f}", f"{p_rows:.2f}", f"{p_rows / b_rows:.2f}{spread}",
+        ("(a) rows/s, mean of paired rounds", f"{b_rows:.2f}", f"{p_rows:.2f}", f"{p_rows / b_rows:.2f}{spread}",
          ">= 0.8"),
-        ("(a) generated tok/s, same run", f"{b_tok:.1f}", f"{p_tok:.1f}", f"{p_tok / b_tok:.2f}", ">= 0.8"),
+        ("(a) generated tok/s", f"{b_tok:.1f}", f"{p_tok:.1f}", f"{p_tok / b_tok:.2f}", ">= 0.8"),
     ]
     for groups, label in ((1, "1 shared system prompt"), (8, f"8 system prompts, {args.hit_cache_tokens}-token KV")):
         off, on = hits[groups, False], hits[groups, True]
