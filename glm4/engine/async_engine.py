@@ -156,7 +156,10 @@ class AsyncLLMEngine:
                 logger.exception("engine loop died")
                 self._dead = e
                 for loop, q in list(self._streams.values()):
-                    loop.call_soon_threadsafe(q.put_nowait, e)
+                    try:
+                        loop.call_soon_threadsafe(q.put_nowait, e)
+                    except RuntimeError:  # that caller's event loop is closed
+                        pass
                 return
 
 

@@ -101,13 +101,13 @@ class LLM:
             if isinstance(prompt, str):  # could not even be encoded
                 results[rid] = RequestOutput(rid, [], [CompletionOutput(0, "", [], "error")], True, error=prompt)
             else:
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, final_only=True)  # results only: no incremental outputs
         bar = _progress(len(encoded), use_tqdm)
         start = time.monotonic()
         if bar is not None:
             bar.update(len(results))
         while engine.has_unfinished():
-            for out in engine.step(finished_only=True):
+            for out in engine.step():
                 results[out.request_id] = out
                 if bar is not None:
                     bar.update(1)

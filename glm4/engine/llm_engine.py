@@ -5,8 +5,8 @@
     while engine.has_unfinished():
         for out in engine.step():          # incremental: every request that changed in this step
             print(out.request_id, out.text, out.finished)
-    # engine.step(finished_only=True): only the requests that finished (batch callers, e.g. LLM.generate);
-    # add_request(..., final_only=True) asks the same for one request (a batch row, a non-streaming HTTP call)
+    # add_request(..., final_only=True): that request is reported once, when it finishes (batch callers:
+    # LLM.generate, a batch row, a non-streaming HTTP call)
 
 A request that cannot run (invalid parameters, token ids outside the vocabulary, a prompt longer than the
 context) is finished at once with finish_reason "error" and a message; it never takes the engine down.
@@ -161,10 +161,9 @@ class LLMEngine:
         return bool(self._requests) or bool(self._pending)
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one engine step; return an output for every request that changed in it (streaming), or with
-        `finished_only` only for those that finished (batch callers: building an incremental output copies the
-        request's tokens so far, O(length) per request per step for nothing)."""
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return an output for every request that changed in it, except for requests added
+        with `final_only`, which get theirs only when they finish."""
         outputs, self._pending = self._pending, []  # finished at submission (errors) or aborted
         out = self.scheduler.schedule()
         if out.is_empty:
@@ -194,7 +193,7 @@ class LLMEngine:
             self._detokenize(seq)
             touched[req.request_id] = req
         for req in touched.values():
-            if req.finished or not (finished_only or req.final_only):
+            if req.finished or not req.final_only:
                 outputs.append(self._output(req))
             if req.finished:
                 del self._requests[req.request_id]

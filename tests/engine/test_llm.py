@@ -201,25 +201,24 @@ def test_outputs_report_prefix_cache_hits(llm):
     assert out.num_cached_tokens == 64, out.num_cached_tokens
 
 
-@pytest.mark.parametrize("mode", ["streaming", "step_finished_only", "per_request_final_only"])
+@pytest.mark.parametrize("mode", ["streaming", "all_final_only", "some_final_only"])
 def test_final_only_outputs_each_request_once_when_done(ckpt_hf, llm, mode):
-    """Batch callers ask `step(finished_only=True)`, or `add_request(final_only=True)` for single requests (the
-    async engine's batch rows and non-streaming HTTP calls): no incremental outputs for them, each exactly once,
-    finished, with the same result as the streaming outputs' last one. A per-request flag leaves the other
-    requests streaming."""
+    """Batch callers (LLM.generate, the async engine's batch rows and non-streaming HTTP calls) add requests with
+    `final_only=True`: no incremental outputs for them, each exactly once, finished, with the same result as the
+    streaming outputs' last one. The flag is per request: the others keep streaming."""
     engine = glm4.LLMEngine.from_pretrained(ckpt_hf, block_size=8)
-    final_only = {"short": mode == "per_request_final_only", "long": False, "bad": mode == "per_request_final_only"}
+    final_only = {"short": mode != "streaming", "long": mode == "all_final_only", "bad": mode != "streaming"}
     for rid, n in (("short", 3), ("long", 9)):
         engine.add_request(rid, [5, 6, 7], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                            final_only=final_only[rid])
     engine.add_request("bad", [5], SamplingParams(temperature=0, top_p=0.0), final_only=final_only["bad"])  # fails
     seen = []
     while engine.has_unfinished():
-        seen += engine.step(finished_only=mode == "step_finished_only")
+        seen += engine.step()
     count = {rid: sum(o.request_id == rid for o in seen) for rid in final_only}
-    if mode == "step_finished_only":
+    if mode == "all_final_only":
         assert count == {"short": 1, "long": 1, "bad": 1} and all(o.finished for o in seen)
-    elif mode == "per_request_final_only":
+    elif mode == "some_final_only":
         assert count["short"] == 1 and count["bad"] == 1 and count["long"] == 9  # "long" still streams
     else:
         assert count["short"] == 3 and count["long"] == 9 and count["bad"] == 1
