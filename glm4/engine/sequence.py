@@ -73,6 +73,12 @@ class Sequence:
         self.error: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
 
+        # Row of the persistent batch (0 .. max_num_seqs-1) while RUNNING, None otherwise. The scheduler assigns it
+        # when the sequence starts running and takes it back when it stops (finish, abort, preemption); the model
+        # runner's device block tables and the sampler's device penalty state are indexed by it, so a step's
+        # host work is O(batch), not O(context).
+        self.slot: int | None = None
+
         # Sampler state: per-sequence RNG for seeded requests (created by the sampler on first use).
         self.generator: "torch.Generator | None" = None
 
