@@ -1,8 +1,19 @@
 """Attention over a paged KV cache (engine path) and plain causal attention (full-sequence path).
 
 Both paths take q/k/v already projected and rotated, so the model runs the same layers either way.
-Pure torch (SDPA), so it is correct on CPU and CUDA alike. On AVX-512 CPUs decode rows go through our fused
-kernel instead (`glm4/kernels/cpu.py`), which reads K/V straight from the blocks.
+
+Paged attention reads the cache through the block tables, tile by tile, with an online softmax (FlashAttention's
+recurrence): for each tile of `tile_blocks` block-table columns, the tile's K/V blocks are read, every query of the
+step scores them, and running (max, sum, weighted values) are rescaled and accumulated. Nothing the size of the
+context is ever built: no gathered copy of a sequence's K/V, no (queries x keys) mask (causality and lengths are
+compared per tile from positions), and the working memory of a layer is O(step tokens x heads x tile), bounded by
+`TILE_BUDGET` whatever the context length (16K or 1M tokens). Decode rows of a step are one batched call; the
+prefill chunks of a step (fresh prompts, later chunks, prompts behind a cached prefix) are another, padded to a
+common query length within groups of similar lengths (no Python loop per sequence per layer). The plan (index
+maps, positions, tile size) depends on lengths only, so it is built once per step and reused by every layer.
+
+On AVX-512 CPUs decode rows go through our fused kernel instead (`glm4/kernels/cpu.py`), which reads K/V straight
+from the blocks and is faster there (bench/engine.py (b)).
 
 KV cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, num_kv_heads, head_dim).
 A token at position p of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size`,
@@ -11,7 +22,6 @@ i.e. at flat slot `block_id * block_size + offset`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,20 +29,25 @@ import torch.nn.functional as F
 
 from glm4.kernels import cpu
 
+# Elements of one tile's largest temporary (scores of every query row against the tile's keys, or the tile's gathered
+# K/V): bounds attention working memory per layer, independent of the context length. 2^24 fp32 = 64 MiB.
+TILE_BUDGET = 1 << 24
 
-# Padded key positions (rows x longest context) one decode attention call may gather; bounds its temporary memory.
-DECODE_GATHER_BUDGET = 1 << 18
+# A masked score: finite, so a query row whose keys in one tile are all masked gets exp(-huge) = 0 weight there, not
+# NaN (every real query sees key 0 in the first tile, so its running max is finite from then on).
+_MASKED = -1e30
 
 
 @dataclass
-class DecodeChunk:
-    """Decode rows attended in one call: their rows of the flattened batch (None: all rows, in order), their block
-    tables trimmed to the longest context among them, and the key-padding mask (n, max_len)."""
+class _Group:
+    """Sequences attended in one call: their padded query rows and what each row may see."""
 
-    rows: torch.Tensor | None
-    block_tables: torch.Tensor
-    max_len: int
-    mask: torch.Tensor
+    rows: torch.Tensor  # (n, Lq) row of the flattened batch holding each padded query (padding: row 0)
+    dest: torch.Tensor  # (n * Lq,) output row of each padded query; padding writes to a spare row past the end
+    qpos: torch.Tensor  # (n, Lq) position of each query; padding -1 (sees nothing)
+    block_tables: torch.Tensor  # (n, W) trimmed to the group's longest context
+    max_ctx: int
+    tile_blocks: int
 
 
 @dataclass
@@ -59,82 +74,69 @@ class AttentionMetadata:
         for n in self.query_lens:
             starts.append(starts[-1] + n)
         self.query_starts = starts
-        # Decode rows (one new token) are attended together, in as few batched calls as the gather budget allows;
-        # prefill chunks one by one.
         self.decode_idx = [i for i, n in enumerate(self.query_lens) if n == 1]
         self.prefill_idx = [i for i, n in enumerate(self.query_lens) if n > 1]
-        # Everything below depends on lengths only, not on the layer: built once per step, not once per layer.
-        self._grouped_masks: dict[tuple[str, int], torch.Tensor] = {}  # grouped_mask's memo
         self.pure_decode = bool(self.decode_idx) and not self.prefill_idx  # row i of the batch is sequence i
-        self._decode_chunks: list[DecodeChunk] | None = None
-        self._kernel_inputs: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        # Built at the first layer that needs them, reused by the others (they depend on lengths only).
+        self._decode: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        self._groups: dict[tuple[str, int], list[_Group]] = {}
 
-    @property
-    def decode_chunks(self) -> list[DecodeChunk]:
-        """The torch path's plan for the decode rows (planned at first use: the fused kernel needs none)."""
-        if self._decode_chunks is None:
-            self._decode_chunks = self._plan_decode() if self.decode_idx else []
-        return self._decode_chunks
-
-    @property
-    def decode_in_order(self) -> bool:
-        """One chunk holding every row of the batch, in order (a pure decode step within the gather budget)."""
-        return self.pure_decode and len(self.decode_chunks) == 1
-
-    def decode_kernel_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(rows of the flattened batch or None for all, block tables, context lengths) of the decode rows, for
-        the fused kernel; built once per step."""
-        if self._kernel_inputs is None:
+    def decode_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(rows of the flattened batch or None for all, block tables, context lengths) of the decode rows."""
+        if self._decode is None:
             if self.pure_decode:
-                self._kernel_inputs = (None, self.block_tables, self.context_lens)
+                self._decode = (None, self.block_tables, self.context_lens)
             else:
                 dev = self.block_tables.device
                 seqs = torch.tensor(self.decode_idx, device=dev)
                 rows = torch.tensor([self.query_starts[i] for i in self.decode_idx], device=dev)
-                self._kernel_inputs = (rows, self.block_tables[seqs], self.context_lens[seqs])
-        return self._kernel_inputs
+                self._decode = (rows, self.block_tables[seqs], self.context_lens[seqs])
+        return self._decode
 
-    def _plan_decode(self) -> list[DecodeChunk]:
-        """Split the decode rows into chunks whose gathered keys (rows x longest context) stay within
-        DECODE_GATHER_BUDGET: the gather materialises K/V per chunk, which at 256 rows of 8k tokens would be
-        gigabytes per layer. Over budget, rows are taken shortest context first, so a chunk pads little."""
-        idx = self.decode_idx
-        lens = [self.context_lens_list[i] for i in idx]
-        if max(lens) * len(idx) <= DECODE_GATHER_BUDGET:
-            groups = [list(range(len(idx)))]
-        else:
-            groups, cur = [], []
-            for j in sorted(range(len(idx)), key=lens.__getitem__):
-                if cur and (len(cur) + 1) * lens[j] > DECODE_GATHER_BUDGET:
-                    groups.append(cur)
-                    cur = []
-                cur.append(j)
-            groups.append(cur)
-        in_order = len(groups) == 1 and self.pure_decode
-        return [self._decode_chunk([idx[j] for j in g], in_order) for g in groups]
+    def groups(self, kind: str, heads: int, kv_elems: int) -> list[_Group]:
+        """The tiled path's plan for the "decode" or "prefill" sequences, for `heads` query heads and K/V rows of
+        `kv_elems` elements (KV heads x head_dim), which size the tiles."""
+        key = (kind, heads, kv_elems)
+        if key not in self._groups:
+            idx = self.decode_idx if kind == "decode" else self.prefill_idx
+            self._groups[key] = [self._group(g, heads, kv_elems) for g in self._split(idx)] if idx else []
+        return self._groups[key]
 
-    def _decode_chunk(self, seqs: list[int], in_order: bool) -> DecodeChunk:
+    def _split(self, idx: list[int]) -> list[list[int]]:
+        """Sequences by query length, longest first, cut where padding to the group's longest would more than double
+        the group's query rows: padded work stays within 2x of the real work, one call per group."""
+        order = sorted(idx, key=lambda i: -self.query_lens[i])
+        groups: list[list[int]] = []
+        real = 0
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * self.query_lens[groups[-1][0]] > 2 * (real + self.query_lens[i]):
+                groups.append([])
+                real = 0
+            if not groups:
+                groups.append([])
+            groups[-1].append(i)
+            real += self.query_lens[i]
+        return groups
+
+    def _group(self, seqs: list[int], heads: int, kv_elems: int) -> _Group:
         dev = self.block_tables.device
-        max_len = max(self.context_lens_list[i] for i in seqs)
-        sel = None if in_order else torch.tensor(seqs, device=dev)
-        tables = self.block_tables if sel is None else self.block_tables[sel]
-        lens = self.context_lens if sel is None else self.context_lens[sel]
-        return DecodeChunk(
-            rows=None if in_order else torch.tensor([self.query_starts[i] for i in seqs], device=dev),
-            # Only the blocks that hold one of these rows' keys: the table width is the whole batch's longest row.
-            block_tables=tables[:, :-(-max_len // self.block_size)],
-            max_len=max_len,
-            mask=torch.arange(max_len, device=dev)[None, :] < lens[:, None])  # (n, max_len)
-
-    def grouped_mask(self, key: str, group: int, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The (B, Lq, Lk) mask made by `build`, repeated for the `group` query heads folded into the query axis
-        (see `_grouped_attention`); built at the first layer of a step and reused by the others."""
-        k = (key, group)
-        if k not in self._grouped_masks:
-            mask = build()
-            b, lq, lk = mask.shape
-            self._grouped_masks[k] = mask.unsqueeze(1).expand(b, group, lq, lk).reshape(b, 1, group * lq, lk)
-        return self._grouped_masks[k]
+        lq = max(self.query_lens[i] for i in seqs)
+        max_ctx = max(self.context_lens_list[i] for i in seqs)
+        sel = torch.tensor(seqs, device=dev)
+        start = torch.tensor([self.query_starts[i] for i in seqs], device=dev)[:, None]
+        qlen = torch.tensor([self.query_lens[i] for i in seqs], device=dev)[:, None]
+        j = torch.arange(lq, device=dev)[None, :]
+        valid = j < qlen
+        ctx = self.context_lens.to(dev)[sel][:, None]
+        width = -(-max_ctx // self.block_size)
+        # Tile: as many block columns as keep the scores (query rows x heads x keys) and the tile's K and V
+        # (keys x KV heads x head_dim, twice) within budget.
+        per_key = len(seqs) * (lq * heads + 2 * kv_elems)
+        tile = max(1, min(width, TILE_BUDGET // (per_key * self.block_size)))
+        total = self.query_starts[-1]
+        return _Group(rows=torch.where(valid, start + j, 0), dest=torch.where(valid, start + j, total).flatten(),
+                      qpos=torch.where(valid, ctx - qlen + j, -1), block_tables=self.block_tables[sel, :width],
+                      max_ctx=max_ctx, tile_blocks=tile)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -152,71 +154,55 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """(num_seqs, max_blocks) block ids -> (num_seqs, length, KVH, D) contiguous keys or values."""
-    n, nb = block_tables.shape
-    bs, kvh, d = cache.shape[1:]
-    return cache[block_tables].reshape(n, nb * bs, kvh, d)[:, :length]
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group,
+                  scale: float) -> torch.Tensor:
+    """Tiled online-softmax attention of one group. q: (T, H, D) flattened batch -> (n, Lq, H, D) padded rows.
 
-
-def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       scale: float) -> torch.Tensor:
-    """Masked GQA attention. q: (B, H, Lq, D); k, v: (B, KVH, Lk, D); mask: (B, 1, G*Lq, Lk) bool, the (B, Lq, Lk)
-    mask repeated for the G = H // KVH heads of a group (`AttentionMetadata.grouped_mask`) -> (B, H, Lq, D).
-
-    Query head h reads KV head h // G (G = H // KVH, heads of a group are consecutive), so the G query heads of
-    a group are folded into the query-length axis and attend to their one KV head directly. Same math as SDPA's
-    `enable_gqa=True`, but torch's CPU kernels take a far slower path (milliseconds for one decode row) when
-    GQA and an explicit mask are combined; folded, it is a plain masked SDPA call.
-    """
-    b, h, lq, d = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    qg = q.reshape(b, kvh, g * lq, d)  # (B, KVH, G*Lq, D): query heads of one group, one after another
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, h, lq, d)
+    Query head h reads KV head h // G (heads of a group are consecutive), so queries are shaped
+    (n, KVH, G * Lq, D) and each tile is two batched matmuls against the tile's (n, KVH, keys, D) K/V."""
+    n, lq = g.rows.shape
+    _, bs, kvh, d = k_cache.shape
+    h = q.shape[1]
+    grp = h // kvh
+    # (n, Lq, H, D) -> (n, KVH, G*Lq, D): the G query heads of a KV head, each over all Lq query rows.
+    qg = (q[g.rows] * scale).view(n, lq, kvh, grp, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, grp * lq, d)
+    qpos = g.qpos.repeat(1, grp)[:, None, :, None]  # (n, 1, G*Lq, 1)
+    m = torch.full((n, kvh, grp * lq, 1), _MASKED, device=q.device)
+    s = torch.zeros((n, kvh, grp * lq, 1), device=q.device)
+    acc = torch.zeros((n, kvh, grp * lq, d), device=q.device)
+    num_cols = -(-g.max_ctx // bs)
+    for c0 in range(0, num_cols, g.tile_blocks):
+        cols = g.block_tables[:, c0:c0 + g.tile_blocks]  # (n, c)
+        keys = k_cache[cols].view(n, -1, kvh, d).permute(0, 2, 1, 3)  # (n, KVH, c*bs, D)
+        vals = v_cache[cols].view(n, -1, kvh, d).permute(0, 2, 1, 3)
+        kpos = torch.arange(c0 * bs, c0 * bs + keys.shape[2], device=q.device)
+        # Matmuls in the cache dtype (bf16 on GPUs, fp32 accumulation inside), softmax statistics in fp32.
+        scores = (qg @ keys.transpose(-1, -2)).float().masked_fill_(kpos > qpos, _MASKED)  # causal + length
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        p = torch.exp_(scores.sub_(m_new))
+        rescale = torch.exp(m - m_new)
+        s = s * rescale + p.sum(dim=-1, keepdim=True)
+        acc = acc * rescale + (p.to(vals.dtype) @ vals).float()
+        m = m_new
+    out = (acc / s).view(n, kvh, grp, lq, d).permute(0, 3, 1, 2, 4).reshape(n, lq, h, d)
+    return out.to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
-    group = q.shape[1] // k_cache.shape[2]
+    t, h, d = q.shape
+    out = torch.empty((t + 1, h, d), dtype=q.dtype, device=q.device)  # + a spare row for padded queries
+    kinds = ["decode", "prefill"]
     if meta.decode_idx and cpu.can_attend(q, k_cache):
-        rows, tables, lens = meta.decode_kernel_inputs()
+        rows, tables, lens = meta.decode_inputs()
         o = cpu.paged_decode_attention(q if rows is None else q[rows], k_cache, v_cache, tables, lens, scale)
         if rows is None:
             return o  # a pure decode step
-        out = torch.empty_like(q)
         out[rows] = o
-        chunks: list[DecodeChunk] = []
-    else:
-        out = None if meta.decode_in_order else torch.empty_like(q)
-        chunks = meta.decode_chunks
-    for c, chunk in enumerate(chunks):
-        # Padded key positions get zero weight. The cache is zero-initialised, so padded slots never hold NaNs
-        # that 0 * NaN could leak into other rows.
-        keys = _gather(k_cache, chunk.block_tables, chunk.max_len)
-        vals = _gather(v_cache, chunk.block_tables, chunk.max_len)
-        qd = q if chunk.rows is None else q[chunk.rows]
-        mask = meta.grouped_mask(f"decode{c}", group, lambda chunk=chunk: chunk.mask[:, None, :])
-        o = _grouped_attention(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, scale).squeeze(2)
-        if chunk.rows is None:
-            return o  # a pure decode step in one chunk: nothing to scatter
-        out[chunk.rows] = o
-    for i in meta.prefill_idx:
-        s, e = meta.query_starts[i], meta.query_starts[i + 1]
-        ctx, ql = meta.context_lens_list[i], e - s
-        keys = _gather(k_cache, meta.block_tables[i:i + 1], ctx)[0]
-        vals = _gather(v_cache, meta.block_tables[i:i + 1], ctx)[0]
-        qi = q[s:e].transpose(0, 1).unsqueeze(0)  # (1, H, ql, D)
-        kt, vt = keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0)
-        if ctx == ql:  # no cached prefix: plain causal
-            o = F.scaled_dot_product_attention(qi, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # query j sits at position ctx - ql + j and sees keys 0..that position
-            def build(ctx: int = ctx, ql: int = ql) -> torch.Tensor:
-                qpos = torch.arange(ctx - ql, ctx, device=q.device)
-                return (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None]
-
-            o = _grouped_attention(qi, kt, vt, meta.grouped_mask(f"prefill{i}", group, build), scale)
-        out[s:e] = o[0].transpose(0, 1)
-    return out
+        kinds = ["prefill"]
+    for kind in kinds:
+        for g in meta.groups(kind, h, k_cache.shape[2] * k_cache.shape[3]):
+            # index_copy_, not a boolean-mask assignment: no host sync (the destinations are known per step).
+            out.index_copy_(0, g.dest, _attend_group(q, k_cache, v_cache, g, scale).flatten(0, 1))
+    return out[:t]
