@@ -4,6 +4,7 @@ bandwidth vs the machine's measured memory bandwidth. Prints one table. Not a te
     python bench/engine.py                      # float32 CPU, `small` preset (real 151552 vocabulary)
     python bench/engine.py --quick              # fewer prompts, for a smoke run
     python bench/engine.py --decode-only --breakdown   # (b) only, plus where a decode step's time goes
+    python bench/engine.py --long-context 4096 16384 32768 131072   # (c) only
 
 (a) Mixed workload: N prompts with lengths in [16, 512] and output lengths in [16, 256] (ignore_eos so both
     systems generate exactly the same number of tokens); a quarter share a long common prefix. The baseline is
@@ -30,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import glm4  # noqa: E402
 from glm4 import SamplingParams  # noqa: E402
-from glm4.kernels import hugepages  # noqa: E402
+from glm4.kernels import cpu, hugepages  # noqa: E402
+from glm4.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
+from glm4.peak_memory import PeakMemory  # noqa: E402
 from glm4.tools.make_checkpoint import make_checkpoint  # noqa: E402
 
 
@@ -167,6 +170,33 @@ def decode_breakdown(llm: glm4.LLM, steps: int) -> list[tuple[str, float]]:
             ("LM head matmul alone", 1e3 * head_alone), (f"the other {len(body)} linears alone", 1e3 * body_alone)]
 
 
+def long_context_memory(contexts: list[int], chunk: int = 2048) -> list[tuple[str, ...]]:
+    """(c): peak working memory of attention for one `chunk`-token prefill chunk at each context length."""
+    heads, kv_heads, head_dim, bs = 32, 2, 128, 16
+    cpu.load = lambda: None  # the torch path (the fused CPU kernel handles decode rows only anyway)
+    rows, base = [], None
+    for ctx in sorted(contexts):
+        nb = -(-ctx // bs)
+        k_cache, v_cache = torch.randn(nb, bs, kv_heads, head_dim), torch.randn(nb, bs, kv_heads, head_dim)
+        q = torch.randn(chunk, heads, head_dim)
+        meta = AttentionMetadata(slot_mapping=torch.zeros(chunk, dtype=torch.long),
+                                 block_tables=torch.randperm(nb)[None], context_lens=torch.tensor([ctx]),
+                                 query_lens=[chunk], context_lens_list=[ctx], block_size=bs)
+        t = time.perf_counter()
+        with PeakMemory("cpu") as pm:
+            paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+        dt = time.perf_counter() - t
+        kv_bytes = 2 * ctx * kv_heads * head_dim * 4
+        # The old path: bool mask (G x chunk x ctx) + SDPA's float copy of it (4 B each) + the gathered K/V.
+        old = chunk * ctx * (heads // kv_heads) * 5 + kv_bytes
+        base = base or pm.peak_bytes
+        rows.append((f"(c) {chunk}-token chunk at {ctx // 1024}K context", f"{base / 2**20:.0f} MiB (ours, shortest)",
+                     f"{pm.peak_bytes / 2**20:.0f} MiB ({dt:.1f} s; KV {kv_bytes / 2**20:.0f} MiB; "
+                     f"old path ~{old / 2**30:.1f} GiB)", f"{pm.peak_bytes / base:.2f}x", "flat (<= 1.25x)"))
+        del k_cache, v_cache, q
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -179,7 +209,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="16 prompts, short outputs")
     p.add_argument("--breakdown", action="store_true", help="also print where a batch-1 decode step's time goes")
     p.add_argument("--decode-only", action="store_true", help="skip (a): only the batch-1 decode measurement")
+    p.add_argument("--long-context", type=int, nargs="*", default=None,
+                   help="(c) only: attention working memory of a 2048-token chunk at these context lengths")
     args = p.parse_args()
+    if args.long_context is not None:
+        print_table(long_context_memory(args.long_context or [4096, 16384, 32768]))
+        return 0
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     model_dir = Path(args.model) if args.model else make_checkpoint(Path(tmp.name) / args.preset, args.preset,
@@ -205,12 +240,7 @@ def main() -> int:
     rows.append(("(b) batch-1 decode, GB/s of weights", f"{bw / 1e9:.1f} (torch.sum read bandwidth)",
                  f"{achieved / 1e9:.1f} ({steps_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB/step)",
                  f"{achieved / bw:.0%} (rounds {spread})", ">= 70%"))
-    w = [max(len(r[i]) for r in rows + [("metric", "baseline", "ours", "ratio", "target")]) for i in range(5)]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    print(line(("metric", "baseline", "ours", "ratio", "target")))
-    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-    for r in rows:
-        print(line(r))
+    print_table(rows)
     if not args.decode_only:
         print(f"(a) detail: ours {ours_tok} tokens in {ours_dt:.1f}s; HF {hf_tok} tokens in {hf_dt:.1f}s")
     print("(b) rounds (GB/s decode / GB/s torch.sum): "
@@ -220,6 +250,16 @@ def main() -> int:
         for name, value in decode_breakdown(decode_llm, 16 if args.quick else args.decode_steps):
             print(f"| {name} | {value:.2f} |")
     return 0
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    head = ("metric", "baseline", "ours", "ratio", "target")
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+    for r in rows:
+        print(line(r))
 
 
 if __name__ == "__main__":

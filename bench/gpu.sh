@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 8 minutes on an H200): GLM-4-9B shape, random bf16 weights.
+# One prepared GPU check (< 8 minutes on an H100 or H200): GLM-4-9B shape, random bf16 weights.
 # Usage on the device machine, from the repo root:  bash bench/gpu.sh      (CPU smoke run: bash bench/gpu.sh --smoke)
 # The output also goes to $OUT/gpu.txt when OUT is set (the device tool brings that folder back).
 set -euo pipefail
@@ -23,7 +23,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  PYTHONUNBUFFERED=1 timeout 300 $PY bench/gpu.py --tp 1
+  PYTHONUNBUFFERED=1 timeout 420 $PY bench/gpu.py --tp 1
   NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
   if [ "$NGPU" -ge 2 ]; then
     PYTHONUNBUFFERED=1 timeout 150 $PY bench/gpu.py --tp 2 --concurrency 64

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from glm4.config import GLM4Config
-from glm4.layers.attention import AttentionMetadata, causal_attention, paged_attention, write_kv
+from glm4.layers.attention import AttentionMetadata, DecodeMetadata, causal_attention, paged_attention, write_kv
 from glm4.kernels import cpu, hugepages
 from glm4.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from glm4.layers.linear import PackableLinear, QKVParallelLinear, RowParallelLinear
@@ -69,8 +69,9 @@ class SelfAttention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         return q, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None = None,
-               kv_cache: KVCache | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: AttentionMetadata | DecodeMetadata | None = None, kv_cache: KVCache | None = None
+               ) -> torch.Tensor:
         """Attention core, before the output projection -> (..., tokens, heads * head_dim).
 
         Without `meta`: causal over (batch, seq). With it: the flattened batch's K/V go to the paged cache first,
@@ -82,8 +83,8 @@ class SelfAttention(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    """Pre-norm residual block, in two halves around the attention core so that the engine can replay the
-    halves from CUDA graphs while attention over the paged cache runs eagerly (glm4/engine/cuda_graphs.py)."""
+    """Pre-norm residual block: norm, attention (`pre_attention` -> `SelfAttention.attend`), then
+    `post_attention` (output projection, residual, norm, MLP, residual)."""
 
     def __init__(self, config: GLM4Config, tp: TPArgs, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -101,7 +102,8 @@ class GLMBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                meta: AttentionMetadata | DecodeMetadata | None = None, kv_cache: KVCache | None = None
+                ) -> torch.Tensor:
         """Full causal attention over (batch, seq), or over the paged cache when `meta` is given."""
         q, k, v = self.pre_attention(h, cos_sin)
         return self.post_attention(h, self.self_attention.attend(q, k, v, meta, kv_cache))
@@ -176,10 +178,12 @@ class GLM4ForCausalLM(nn.Module):
                         layer.post_attention_layernorm.weight, mlp.dense_h_to_4h.weight, mlp.dense_4h_to_h.weight]
         return weights
 
-    def _fuses_decode(self, h: torch.Tensor, meta: AttentionMetadata, kv_caches: list[KVCache]) -> bool:
+    def _fuses_decode(self, h: torch.Tensor, meta: AttentionMetadata | DecodeMetadata,
+                      kv_caches: list[KVCache]) -> bool:
         """A pure decode step of at most cpu.MAX_ROWS sequences with fp32 caches, on a model prepared for the CPU
         kernels: all blocks run as one kernel call (`cpu.decode_layers`)."""
-        return (self._decode_stack is not None and cpu.FUSE_DECODE_LAYERS and meta.pure_decode
+        return (self._decode_stack is not None and cpu.FUSE_DECODE_LAYERS
+                and isinstance(meta, AttentionMetadata) and meta.pure_decode
                 and h.dim() == 2 and h.shape[0] <= cpu.MAX_ROWS and kv_caches[0][0].dtype == torch.float32)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -194,8 +198,8 @@ class GLM4ForCausalLM(nn.Module):
             h = layer(h, cos_sin)
         return t.output_layer(t.encoder.final_layernorm(h))
 
-    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       meta: AttentionMetadata | DecodeMetadata, kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) flattened over the batch -> final-normed hidden (num_tokens, H)."""
         t = self.transformer
         h = t.embedding(input_ids)

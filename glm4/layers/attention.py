@@ -48,6 +48,7 @@ class _Group:
     block_tables: torch.Tensor  # (n, W) trimmed to the group's longest context
     max_ctx: int
     tile_blocks: int
+    full_cols: int = 0  # leading block columns every real query sees whole: their tiles need no mask
 
 
 @dataclass
@@ -134,9 +135,39 @@ class AttentionMetadata:
         per_key = len(seqs) * (lq * heads + 2 * kv_elems)
         tile = max(1, min(width, TILE_BUDGET // (per_key * self.block_size)))
         total = self.query_starts[-1]
+        first_pos = min(self.context_lens_list[i] - self.query_lens[i] for i in seqs)  # earliest query position
         return _Group(rows=torch.where(valid, start + j, 0), dest=torch.where(valid, start + j, total).flatten(),
                       qpos=torch.where(valid, ctx - qlen + j, -1), block_tables=self.block_tables[sel, :width],
-                      max_ctx=max_ctx, tile_blocks=tile)
+                      max_ctx=max_ctx, tile_blocks=tile, full_cols=(first_pos + 1) // self.block_size)
+
+
+@dataclass
+class DecodeMetadata:
+    """A decode step of fixed shape, for whole-forward CUDA graphs (glm4/engine/cuda_graphs.py): n rows of one new
+    token each, block tables exactly W columns wide. Attention reads all W columns, tile by tile (a loop count
+    fixed at capture) and masks keys past each row's context from `context_lens`, so a graph captured for width W
+    serves every context up to W * block_size with nothing computed on the host.
+    """
+
+    slot_mapping: torch.Tensor  # (n,)
+    block_tables: torch.Tensor  # (n, W)
+    context_lens: torch.Tensor  # (n,) >= 1
+    block_size: int
+
+    def __post_init__(self) -> None:
+        self._group: dict[tuple[int, int], _Group] = {}
+
+    def group(self, heads: int, kv_elems: int) -> _Group:
+        """Device ops only (captured with the graph); built at the first layer, reused by the others."""
+        key = (heads, kv_elems)
+        if key not in self._group:
+            n, width = self.block_tables.shape
+            rows = torch.arange(n, device=self.block_tables.device)
+            tile = max(1, min(width, TILE_BUDGET // (n * (heads + 2 * kv_elems) * self.block_size)))
+            self._group[key] = _Group(rows=rows[:, None], dest=rows, qpos=(self.context_lens - 1)[:, None],
+                                      block_tables=self.block_tables, max_ctx=width * self.block_size,
+                                      tile_blocks=tile)
+        return self._group[key]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -166,7 +197,7 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grp = h // kvh
     # (n, Lq, H, D) -> (n, KVH, G*Lq, D): the G query heads of a KV head, each over all Lq query rows.
     qg = (q[g.rows] * scale).view(n, lq, kvh, grp, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, grp * lq, d)
-    qpos = g.qpos.repeat(1, grp)[:, None, :, None]  # (n, 1, G*Lq, 1)
+    qpos = g.qpos[:, None, None, :, None]  # (n, 1, 1, Lq, 1)
     m = torch.full((n, kvh, grp * lq, 1), _MASKED, device=q.device)
     s = torch.zeros((n, kvh, grp * lq, 1), device=q.device)
     acc = torch.zeros((n, kvh, grp * lq, d), device=q.device)
@@ -177,7 +208,9 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         vals = v_cache[cols].view(n, -1, kvh, d).permute(0, 2, 1, 3)
         kpos = torch.arange(c0 * bs, c0 * bs + keys.shape[2], device=q.device)
         # Matmuls in the cache dtype (bf16 on GPUs, fp32 accumulation inside), softmax statistics in fp32.
-        scores = (qg @ keys.transpose(-1, -2)).float().masked_fill_(kpos > qpos, _MASKED)  # causal + length
+        scores = (qg @ keys.transpose(-1, -2)).float()
+        if c0 + cols.shape[1] > g.full_cols:  # causal + context length, (Lq x keys) per sequence, shared by heads
+            scores.view(n, kvh, grp, lq, -1).masked_fill_(kpos > qpos, _MASKED)
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
         p = torch.exp_(scores.sub_(m_new))
         rescale = torch.exp(m - m_new)
@@ -188,10 +221,13 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out.to(q.dtype)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata | DecodeMetadata, scale: float) -> torch.Tensor:
     """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
     t, h, d = q.shape
+    if isinstance(meta, DecodeMetadata):
+        g = meta.group(h, k_cache.shape[2] * k_cache.shape[3])
+        return _attend_group(q, k_cache, v_cache, g, scale).view(t, h, d)
     out = torch.empty((t + 1, h, d), dtype=q.dtype, device=q.device)  # + a spare row for padded queries
     kinds = ["decode", "prefill"]
     if meta.decode_idx and cpu.can_attend(q, k_cache):

@@ -125,3 +125,17 @@ def test_tile_is_bounded_by_budget_not_context():
     keys = tile(16384, 2048) * 16
     assert 2048 * keys * 32 <= attention.TILE_BUDGET and keys >= 16
     assert tile(4096, 2) > tile(4096, 2048)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the tiled path on CUDA in bf16")
+def test_cuda_bf16_matches_reference():
+    q, kc, vc, tables, ctx, qlens, meta = _case(STEPS["mixed"], heads=32, kv_heads=2, head_dim=128, block_size=16)
+    dev = torch.device("cuda")
+    meta = AttentionMetadata(slot_mapping=meta.slot_mapping.to(dev), block_tables=meta.block_tables.to(dev),
+                             context_lens=meta.context_lens.to(dev), query_lens=qlens, context_lens_list=ctx,
+                             block_size=16)
+    got = paged_attention(q.to(dev, torch.bfloat16), kc.to(dev, torch.bfloat16), vc.to(dev, torch.bfloat16), meta,
+                          128 ** -0.5)
+    want = reference(q.bfloat16().float(), kc.bfloat16().float(), vc.bfloat16().float(), tables, ctx, qlens,
+                     128 ** -0.5)
+    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
