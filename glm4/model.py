@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
         if meta is None:
             return causal_attention(q, k, v, self.scale).flatten(-2)
         write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        return paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale).flatten(-2)
+        return paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, k, v).flatten(-2)
 
 
 class GLMBlock(nn.Module):

@@ -32,6 +32,10 @@ from glm4.kernels import cpu
 # Elements of one tile's largest temporary (scores of every query row against the tile's keys, or the tile's gathered
 # K/V): bounds attention working memory per layer, independent of the context length. 2^24 fp32 = 64 MiB.
 TILE_BUDGET = 1 << 24
+# On CPU the scores of one (query block x key tile) stay cache-sized, so the softmax passes over them (max, exp, sum)
+# run from cache, not from DRAM: 2^20 fp32 = 4 MiB, key tiles of at most 512 tokens.
+CPU_SCORE_BLOCK = 1 << 20
+CPU_MAX_TILE_KEYS = 512
 
 # A masked score: finite, so a query row whose keys in one tile are all masked gets exp(-huge) = 0 weight there, not
 # NaN (every real query sees key 0 in the first tile, so its running max is finite from then on).
@@ -47,8 +51,12 @@ class _Group:
     qpos: torch.Tensor  # (n, Lq) position of each query; padding -1 (sees nothing)
     block_tables: torch.Tensor  # (n, W) trimmed to the group's longest context
     max_ctx: int
-    tile_blocks: int
-    full_cols: int = 0  # leading block columns every real query sees whole: their tiles need no mask
+    tile_blocks: int  # block columns per key tile
+    query_block: int  # query positions per (query block x key tile) call
+    first_pos: int = -1  # lowest position of a real query (-1: unknown): keys up to it need no mask
+    fresh: bool = False  # every sequence's queries are its whole context (a prompt with nothing cached before it)
+    last_start: int = 1 << 62  # highest first-query position of a sequence: keys past it + j are in the future of
+    # query j of every sequence (a tile wholly in the future is skipped)
 
 
 @dataclass
@@ -99,8 +107,12 @@ class AttentionMetadata:
         `kv_elems` elements (KV heads x head_dim), which size the tiles."""
         key = (kind, heads, kv_elems)
         if key not in self._groups:
-            idx = self.decode_idx if kind == "decode" else self.prefill_idx
-            self._groups[key] = [self._group(g, heads, kv_elems) for g in self._split(idx)] if idx else []
+            if kind == "decode":
+                parts = [self.decode_idx]
+            else:  # fresh prompts (nothing cached before them) apart: they need only the step's own K/V
+                fresh = [i for i in self.prefill_idx if self.context_lens_list[i] == self.query_lens[i]]
+                parts = [fresh, [i for i in self.prefill_idx if i not in set(fresh)]]
+            self._groups[key] = [self._group(g, heads, kv_elems) for idx in parts if idx for g in self._split(idx)]
         return self._groups[key]
 
     def _split(self, idx: list[int]) -> list[list[int]]:
@@ -130,15 +142,26 @@ class AttentionMetadata:
         valid = j < qlen
         ctx = self.context_lens.to(dev)[sel][:, None]
         width = -(-max_ctx // self.block_size)
-        # Tile: as many block columns as keep the scores (query rows x heads x keys) and the tile's K and V
-        # (keys x KV heads x head_dim, twice) within budget.
-        per_key = len(seqs) * (lq * heads + 2 * kv_elems)
-        tile = max(1, min(width, TILE_BUDGET // (per_key * self.block_size)))
+        tile, qblock = _tiling(dev, len(seqs), lq, heads, kv_elems, width, self.block_size)
+        starts = [self.context_lens_list[i] - self.query_lens[i] for i in seqs]  # each sequence's first position
         total = self.query_starts[-1]
-        first_pos = min(self.context_lens_list[i] - self.query_lens[i] for i in seqs)  # earliest query position
         return _Group(rows=torch.where(valid, start + j, 0), dest=torch.where(valid, start + j, total).flatten(),
                       qpos=torch.where(valid, ctx - qlen + j, -1), block_tables=self.block_tables[sel, :width],
-                      max_ctx=max_ctx, tile_blocks=tile, full_cols=(first_pos + 1) // self.block_size)
+                      max_ctx=max_ctx, tile_blocks=tile, query_block=qblock, first_pos=min(starts),
+                      last_start=max(starts), fresh=max(starts) == 0)
+
+
+def _tiling(device: torch.device, n: int, lq: int, heads: int, kv_elems: int, width: int,
+            block_size: int) -> tuple[int, int]:
+    """(block columns per key tile, query positions per block) for n sequences of lq queries. CUDA: the widest
+    tile whose scores (query rows x heads x keys) and K/V (keys x kv_elems, twice) fit TILE_BUDGET, all queries at
+    once (few, large kernels). CPU: cache-sized score blocks (CPU_SCORE_BLOCK)."""
+    if device.type == "cuda":
+        tile = TILE_BUDGET // (n * (lq * heads + 2 * kv_elems) * block_size)
+        return max(1, min(width, tile)), lq
+    keys = min(CPU_MAX_TILE_KEYS, max(block_size, CPU_SCORE_BLOCK // (n * heads)))
+    tile = max(1, min(width, keys // block_size))
+    return tile, max(1, min(lq, CPU_SCORE_BLOCK // (n * heads * tile * block_size)))
 
 
 @dataclass
@@ -163,10 +186,10 @@ class DecodeMetadata:
         if key not in self._group:
             n, width = self.block_tables.shape
             rows = torch.arange(n, device=self.block_tables.device)
-            tile = max(1, min(width, TILE_BUDGET // (n * (heads + 2 * kv_elems) * self.block_size)))
+            tile, qblock = _tiling(self.block_tables.device, n, 1, heads, kv_elems, width, self.block_size)
             self._group[key] = _Group(rows=rows[:, None], dest=rows, qpos=(self.context_lens - 1)[:, None],
                                       block_tables=self.block_tables, max_ctx=width * self.block_size,
-                                      tile_blocks=tile)
+                                      tile_blocks=tile, query_block=qblock)
         return self._group[key]
 
 
@@ -190,40 +213,57 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Tiled online-softmax attention of one group. q: (T, H, D) flattened batch -> (n, Lq, H, D) padded rows.
 
     Query head h reads KV head h // G (heads of a group are consecutive), so queries are shaped
-    (n, KVH, G * Lq, D) and each tile is two batched matmuls against the tile's (n, KVH, keys, D) K/V."""
+    (n, KVH, Lq * G, D), query position major, and each (query block x key tile) is two batched matmuls against
+    the tile's K (n, KVH, D, keys) and V (n, KVH, keys, D), each made contiguous once per tile."""
     n, lq = g.rows.shape
     _, bs, kvh, d = k_cache.shape
     h = q.shape[1]
     grp = h // kvh
-    # (n, Lq, H, D) -> (n, KVH, G*Lq, D): the G query heads of a KV head, each over all Lq query rows.
-    qg = (q[g.rows] * scale).view(n, lq, kvh, grp, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, grp * lq, d)
-    qpos = g.qpos[:, None, None, :, None]  # (n, 1, 1, Lq, 1)
-    m = torch.full((n, kvh, grp * lq, 1), _MASKED, device=q.device)
-    s = torch.zeros((n, kvh, grp * lq, 1), device=q.device)
-    acc = torch.zeros((n, kvh, grp * lq, d), device=q.device)
-    num_cols = -(-g.max_ctx // bs)
-    for c0 in range(0, num_cols, g.tile_blocks):
+    qg = (q[g.rows] * scale).view(n, lq, kvh, grp, d).transpose(1, 2).reshape(n, kvh, lq * grp, d)
+    qpos = g.qpos.repeat_interleave(grp, dim=1)[:, None, :, None]  # (n, 1, Lq*G, 1)
+    m = torch.full((n, kvh, lq * grp, 1), _MASKED, device=q.device)  # running max, sum, weighted values (fp32)
+    s = torch.zeros((n, kvh, lq * grp, 1), device=q.device)
+    acc = torch.zeros((n, kvh, lq * grp, d), device=q.device)
+    for c0 in range(0, -(-g.max_ctx // bs), g.tile_blocks):
         cols = g.block_tables[:, c0:c0 + g.tile_blocks]  # (n, c)
-        keys = k_cache[cols].view(n, -1, kvh, d).permute(0, 2, 1, 3)  # (n, KVH, c*bs, D)
-        vals = v_cache[cols].view(n, -1, kvh, d).permute(0, 2, 1, 3)
-        kpos = torch.arange(c0 * bs, c0 * bs + keys.shape[2], device=q.device)
-        # Matmuls in the cache dtype (bf16 on GPUs, fp32 accumulation inside), softmax statistics in fp32.
-        scores = (qg @ keys.transpose(-1, -2)).float()
-        if c0 + cols.shape[1] > g.full_cols:  # causal + context length, (Lq x keys) per sequence, shared by heads
-            scores.view(n, kvh, grp, lq, -1).masked_fill_(kpos > qpos, _MASKED)
-        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-        p = torch.exp_(scores.sub_(m_new))
-        rescale = torch.exp(m - m_new)
-        s = s * rescale + p.sum(dim=-1, keepdim=True)
-        acc = acc * rescale + (p.to(vals.dtype) @ vals).float()
-        m = m_new
-    out = (acc / s).view(n, kvh, grp, lq, d).permute(0, 3, 1, 2, 4).reshape(n, lq, h, d)
+        k_t = k_cache[cols].view(n, -1, kvh, d).permute(0, 2, 3, 1).contiguous()  # (n, KVH, D, keys)
+        v_t = v_cache[cols].view(n, -1, kvh, d).transpose(1, 2).contiguous()  # (n, KVH, keys, D)
+        first_key, last_key = c0 * bs, (c0 + cols.shape[1]) * bs - 1
+        kpos = torch.arange(first_key, last_key + 1, device=q.device)
+        for j0 in range(0, lq, g.query_block):
+            j1 = min(lq, j0 + g.query_block)
+            if first_key > g.last_start + j1 - 1:  # every key of the tile is in these queries' future
+                continue
+            r = slice(j0 * grp, j1 * grp)
+            # Matmuls in the cache dtype (bf16 on GPUs, fp32 accumulation inside), softmax statistics in fp32.
+            scores = (qg[:, :, r] @ k_t).float()
+            if last_key > g.first_pos + j0:  # causal + context length; tiles all queries see whole skip it
+                scores.masked_fill_(kpos > qpos[:, :, r], _MASKED)
+            m_r, s_r, acc_r = m[:, :, r], s[:, :, r], acc[:, :, r]
+            m_new = torch.maximum(m_r, scores.amax(dim=-1, keepdim=True))
+            p = scores.sub_(m_new).exp_()
+            alpha = (m_r - m_new).exp_()
+            s_r.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+            acc_r.mul_(alpha).add_((p.to(v_t.dtype) @ v_t).float())
+            m_r.copy_(m_new)
+    out = (acc / s).view(n, kvh, lq, grp, d).transpose(1, 2).reshape(n, lq, h, d)
     return out.to(q.dtype)
 
 
+def _fresh_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: _Group, scale: float) -> torch.Tensor:
+    """Prompts with nothing cached before them see only their own new tokens: causal SDPA over the step's own K/V,
+    padded per group (the flash kernels on CPU and CUDA; O(tokens) memory, no mask, the cache is not read). Padding
+    rows sit after each sequence's real rows, so causality keeps them out of the real rows' view."""
+    o = F.scaled_dot_product_attention(q[g.rows].transpose(1, 2), k[g.rows].transpose(1, 2),
+                                       v[g.rows].transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata | DecodeMetadata, scale: float) -> torch.Tensor:
-    """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D)."""
+                    meta: AttentionMetadata | DecodeMetadata, scale: float, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (num_tokens, H, D) for the flattened batch, whose K/V were already written -> (num_tokens, H, D).
+    `k`, `v`: the step's own new K/V (num_tokens, KVH, D), for fresh prompts (else they are read from the cache)."""
     t, h, d = q.shape
     if isinstance(meta, DecodeMetadata):
         g = meta.group(h, k_cache.shape[2] * k_cache.shape[3])
@@ -240,5 +280,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for kind in kinds:
         for g in meta.groups(kind, h, k_cache.shape[2] * k_cache.shape[3]):
             # index_copy_, not a boolean-mask assignment: no host sync (the destinations are known per step).
-            out.index_copy_(0, g.dest, _attend_group(q, k_cache, v_cache, g, scale).flatten(0, 1))
+            o = (_fresh_prefill(q, k, v, g, scale) if g.fresh and k is not None
+                 else _attend_group(q, k_cache, v_cache, g, scale))
+            out.index_copy_(0, g.dest, o.flatten(0, 1))
     return out[:t]

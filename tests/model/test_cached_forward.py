@@ -63,7 +63,8 @@ def test_decode_rows_beside_prefill_match_full_forward(tiny_checkpoint, monkeypa
         pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
     if not fused:
         monkeypatch.setattr(cpu, "can_attend", lambda q, k: False)
-    monkeypatch.setattr(attention, "TILE_BUDGET", 1)  # one block column per tile
+    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK", 1)  # one block column and one query per call
+    monkeypatch.setattr(attention, "CPU_MAX_TILE_KEYS", 1)
     bs = 4
     model, kv = _model_and_cache(tiny_checkpoint, num_blocks=40, block_size=bs)
     cfg = model.config

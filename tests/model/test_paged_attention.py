@@ -49,7 +49,9 @@ def _case(seqs: list[tuple[int, int]], *, heads: int, kv_heads: int, head_dim: i
     q = torch.randn(sum(qlens), heads, head_dim)
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=table_dtype)
-    slots = torch.zeros(sum(qlens), dtype=torch.long)  # unused: the cache is already filled
+    # The new tokens' slots (their K/V are already in the cache, as after write_kv).
+    slots = torch.tensor([t[p // block_size] * block_size + p % block_size
+                          for t, (c, n) in zip(tables, seqs) for p in range(c - n, c)])
     meta = AttentionMetadata(slot_mapping=slots, block_tables=bt, context_lens=torch.tensor(ctx),
                              query_lens=qlens, context_lens_list=ctx, block_size=block_size)
     return q, k_cache, v_cache, tables, ctx, qlens, meta
@@ -64,16 +66,23 @@ STEPS = {
 }
 
 
-@pytest.mark.parametrize("tile_budget", [1, None])  # one block column per tile, and the default
+def _own_kv(kc: torch.Tensor, vc: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    kvh, d = kc.shape[-2:]
+    return kc.view(-1, kvh, d)[meta.slot_mapping], vc.view(-1, kvh, d)[meta.slot_mapping]
+
+
+@pytest.mark.parametrize("own_kv", [False, True])  # True: fresh prompts take causal SDPA over the step's K/V
+@pytest.mark.parametrize("tiles", ["one_block", "default"])  # one block column / query per call, and the defaults
 @pytest.mark.parametrize("block_size", [16, 5])  # 5 divides none of the lengths
 @pytest.mark.parametrize("step", sorted(STEPS))
-def test_tiled_attention_equals_reference(monkeypatch, step, block_size, tile_budget):
+def test_tiled_attention_equals_reference(monkeypatch, step, block_size, tiles, own_kv):
     monkeypatch.setattr(cpu, "can_attend", lambda q, k: False)  # the tiled path for decode rows too
-    if tile_budget is not None:
-        monkeypatch.setattr(attention, "TILE_BUDGET", tile_budget)
+    if tiles == "one_block":
+        monkeypatch.setattr(attention, "CPU_SCORE_BLOCK", 1)
+        monkeypatch.setattr(attention, "CPU_MAX_TILE_KEYS", 1)
     q, kc, vc, tables, ctx, qlens, meta = _case(STEPS[step], heads=8, kv_heads=2, head_dim=16,
                                                 block_size=block_size)
-    got = paged_attention(q, kc, vc, meta, 0.25)
+    got = paged_attention(q, kc, vc, meta, 0.25, *(_own_kv(kc, vc, meta) if own_kv else ()))
     torch.testing.assert_close(got, reference(q, kc, vc, tables, ctx, qlens, 0.25), atol=1e-5, rtol=0)
 
 
@@ -112,19 +121,25 @@ def test_plan_is_built_once_per_step_and_pads_little(monkeypatch):
     assert sum(int((g.qpos >= 0).sum()) for g in groups) == sum(n for _, n in seqs)
 
 
-def test_tile_is_bounded_by_budget_not_context():
-    """The tile (keys per call) shrinks as the step's query rows grow and never depends on the context length."""
-    def tile(ctx: int, qlen: int) -> int:
+def test_tiles_are_bounded_by_budget_not_context():
+    """Key tiles and query blocks never depend on the context length: a call's scores stay within CPU_SCORE_BLOCK
+    on CPU (cache-sized), and scores plus K/V within TILE_BUDGET on CUDA."""
+    def tiling(ctx: int, qlen: int) -> tuple[int, int]:
         meta = AttentionMetadata(slot_mapping=torch.zeros(qlen, dtype=torch.long),
                                  block_tables=torch.zeros((1, -(-ctx // 16)), dtype=torch.long),
                                  context_lens=torch.tensor([ctx]), query_lens=[qlen], context_lens_list=[ctx],
                                  block_size=16)
-        return meta.groups("prefill", 32, 2 * 128)[0].tile_blocks
+        g = meta.groups("prefill", 32, 2 * 128)[0]
+        return g.tile_blocks, g.query_block
 
-    assert tile(16384, 2048) == tile(131072, 2048) == tile(1 << 20, 2048)
-    keys = tile(16384, 2048) * 16
-    assert 2048 * keys * 32 <= attention.TILE_BUDGET and keys >= 16
-    assert tile(4096, 2) > tile(4096, 2048)
+    assert tiling(16384, 2048) == tiling(131072, 2048) == tiling(1 << 20, 2048)
+    tile, qblock = tiling(16384, 2048)
+    assert 32 * qblock * tile * 16 <= attention.CPU_SCORE_BLOCK and tile * 16 <= attention.CPU_MAX_TILE_KEYS
+    cuda = torch.device("cuda")
+    for ctx in (16384, 1 << 20):
+        tile, qblock = attention._tiling(cuda, 1, 2048, 32, 256, -(-ctx // 16), 16)
+        assert qblock == 2048 and tile * 16 * (2048 * 32 + 2 * 256) <= attention.TILE_BUDGET
+        assert (tile, qblock) == attention._tiling(cuda, 1, 2048, 32, 256, 1 << 16, 16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the tiled path on CUDA in bf16")
