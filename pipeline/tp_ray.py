@@ -10,9 +10,9 @@ shutdown. Otherwise a group is created with bundle 0 pinned to the caller's node
 shutdown. Bundles are {"CPU": c} on CPU and {"CPU": c, "GPU": 1} for worker ranks on GPU (Ray then gives each
 worker actor its own GPU as cuda:0).
 
-Protocol and failure handling are those of `glm4.distributed` (same `serve_rank` on the worker side). Each worker
-actor runs the whole worker side in one long-running call; its ObjectRef resolves only when the worker stops, so
-`ray.wait` on those refs is the liveness check: a killed or crashed actor makes `execute` raise
+Protocol and failure handling are those of `glm4.engine.tp_executor` (same `serve_rank` on the worker side).
+Each worker actor runs the whole worker side in one long-running call; its ObjectRef resolves only when the worker
+stops, so `ray.wait` on those refs is the liveness check: a killed or crashed actor makes `execute` raise
 `TensorParallelError`, after which the remaining actors are killed and the group is removed.
 """
 
@@ -29,8 +29,8 @@ import torch
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from glm4.distributed import TPExecutorBase, serve_rank, worker_num_threads
 from glm4.engine.executor import ExecutorSpec, TensorParallelError
+from glm4.engine.tp_executor import TPExecutorBase, serve_rank, worker_num_threads
 
 logger = logging.getLogger(__name__)
 

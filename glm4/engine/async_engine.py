@@ -10,8 +10,9 @@ add requests, stream incremental outputs and abort.
 
 Only the loop thread touches the scheduler: `add`/`abort` are queued as commands and applied at the start of
 the next iteration, so no lock is held while the model runs. Torch releases the GIL inside its kernels, so the
-asyncio event loop keeps serving HTTP while a step runs. If a step raises (a dead tensor-parallel worker, an out
-of memory error), every waiting caller gets `EngineDeadError` and later calls fail fast with the same cause.
+asyncio event loop keeps serving HTTP while a step runs. If a step raises (a dead tensor-parallel worker), every
+waiting caller gets `EngineDeadError` and later calls fail fast with the same cause. An out-of-memory error is not
+such a failure: `LLMEngine.step` finishes the requests of that step with the error and the loop goes on.
 """
 
 from __future__ import annotations

@@ -6,14 +6,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from glm4.engine.scheduler import POLICIES
 
 SUPPORTED_TP = (1, 2, 4, 8)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    dtype: str | torch.dtype | None = None  # a name or a torch.dtype, kept as the name; None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda if available, else cpu
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256  # sequences decoding at once
@@ -30,7 +33,13 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     load_format: str = "safetensors"  # "dummy": random weights of config.json's shape, for benchmarks only
-    enforce_eager: bool = False  # True: never capture CUDA graphs for decode steps (CUDA, tp=1 captures by default)
+    enforce_eager: bool = False  # True: never capture CUDA graphs for decode steps (CUDA captures them by default)
+
+    def __post_init__(self) -> None:
+        # One spelling from here on (ExecutorSpec, the worker ranks, logs): the name. Like vLLM, callers may pass
+        # either; anything else is left for validate() to refuse with the list of choices.
+        if isinstance(self.dtype, torch.dtype) and str(self.dtype).removeprefix("torch.") in DTYPES:
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -45,8 +54,8 @@ class EngineConfig:
             if not cond:
                 raise ValueError(msg)
 
-        need(self.dtype in (None, "float32", "bfloat16", "float16"),
-             f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        need(self.dtype is None or (isinstance(self.dtype, str) and self.dtype in DTYPES),
+             f"dtype must be one of {', '.join(DTYPES)} (the name or the torch.dtype), got {self.dtype!r}")
         need(self.device is None or str(self.device).split(":")[0] in ("cpu", "cuda"),
              f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         need(self.tensor_parallel_size in SUPPORTED_TP,

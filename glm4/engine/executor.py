@@ -3,8 +3,9 @@
 Every executor has the same small interface, so the engine loop does not know how ranks are launched:
   * `execute(StepInputs) -> logits` (fp32, rank 0's device), `check_health()`, `shutdown()`;
   * attributes `config`, `num_blocks`, `block_size`, `device`, `dtype`.
-Launchers: `UniProcExecutor` (here), `MultiprocExecutor` (local processes, glm4/distributed.py) and
-`RayExecutor` (Ray actors in a placement group, pipeline/tp_ray.py; glm4 never imports Ray).
+Launchers: `UniProcExecutor` (here), `MultiprocExecutor` (local processes, glm4/engine/tp_executor.py) and
+`RayExecutor` (Ray actors in a placement group, pipeline/tp_ray.py; glm4 never imports Ray). This module names
+the tensor-parallel launchers only as "module:Class" strings, so it imports none of them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from glm4.config import GLM4Config
-from glm4.engine.model_runner import ModelRunner, StepInputs
+from glm4.engine.model_runner import ModelRunner
+from glm4.engine.step_inputs import StepInputs
 
 
 class TensorParallelError(RuntimeError):
@@ -43,7 +45,14 @@ class ExecutorSpec:
     startup_timeout_s: float = 600.0
     master_port: int | None = None  # None: pick a free port
     load_format: str = "safetensors"  # or "dummy": random weights of config.json's shape (benchmarks)
-    cuda_graph_max_batch: int = 0  # capture decode CUDA graphs up to this batch (0: never; CUDA, tp=1 only)
+    cuda_graph_max_batch: int = 0  # capture decode CUDA graphs up to this batch on every rank (0: never; CUDA)
+    # The persistent batch's shape (a block-table row per scheduler slot, one column per block of the longest
+    # sequence); the defaults are EngineConfig's (None: the model's max_position_embeddings).
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    # With max_num_seqs, the largest step the scheduler builds: a KV budget relative to free memory first leaves
+    # room for its activations (glm4/engine/memory_profile.py). Default: EngineConfig's.
+    max_num_batched_tokens: int = 2048
 
 
 class Executor(ABC):
@@ -74,8 +83,11 @@ class UniProcExecutor(Executor):
             raise ValueError("UniProcExecutor runs tensor_parallel_size=1 only")
         runner = ModelRunner(spec.model_dir, dtype=spec.dtype, device=spec.device, load_format=spec.load_format)
         self._adopt_runner(runner, spec)
-        self.num_blocks = runner.num_blocks_for_budget(spec.kv_cache_memory, spec.block_size, spec.max_blocks_needed)
-        runner.allocate_kv_cache(self.num_blocks, spec.block_size)
+        self.num_blocks = runner.num_blocks_for_budget(spec.kv_cache_memory, spec.block_size, spec.max_blocks_needed,
+                                                       max_num_batched_tokens=spec.max_num_batched_tokens,
+                                                       max_num_seqs=spec.max_num_seqs)
+        runner.allocate_kv_cache(self.num_blocks, spec.block_size, max_num_seqs=spec.max_num_seqs,
+                                 max_model_len=spec.max_model_len)
         runner.capture_decode_graphs(spec.cuda_graph_max_batch)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
@@ -85,14 +97,15 @@ class UniProcExecutor(Executor):
         self.runner.kv_caches = []
 
 
+DEFAULT_TP_EXECUTOR = "glm4.engine.tp_executor:MultiprocExecutor"
+
+
 def resolve_executor_class(executor: Any, tensor_parallel_size: int) -> type[Executor]:
     """An Executor subclass, a "module:Class" string, or None (tp=1 in-process, tp>1 local processes)."""
     if executor is None:
         if tensor_parallel_size == 1:
             return UniProcExecutor
-        from glm4.distributed import MultiprocExecutor
-
-        return MultiprocExecutor
+        executor = DEFAULT_TP_EXECUTOR
     if isinstance(executor, str):
         module, _, name = executor.partition(":")
         if not name:

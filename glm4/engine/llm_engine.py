@@ -9,7 +9,8 @@
     # LLM.generate, a batch row, a non-streaming HTTP call)
 
 A request that cannot run (invalid parameters, token ids outside the vocabulary, a prompt longer than the
-context) is finished at once with finish_reason "error" and a message; it never takes the engine down.
+context) is finished at once with finish_reason "error" and a message; it never takes the engine down. Neither
+does a step that runs out of memory: the requests of that step finish the same way (glm4/engine/oom.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from typing import Any
 from glm4.config import GLM4Config
 from glm4.engine.engine_config import EngineConfig
 from glm4.engine.executor import Executor, ExecutorSpec, model_dir_str, resolve_executor_class
-from glm4.engine.model_runner import StepInputs, max_blocks_needed
+from glm4.engine.model_runner import max_blocks_needed
+from glm4.engine.oom import is_recoverable_oom, oom_message, release_cached_memory
 from glm4.engine.outputs import CompletionOutput, RequestOutput
-from glm4.engine.sampler import Sampler
+from glm4.engine.sampler import Sampler, SamplerOutput
 from glm4.engine.sampling_params import SamplingParams
-from glm4.engine.scheduler import Scheduler
+from glm4.engine.scheduler import Scheduler, SchedulerOutput
 from glm4.engine.sequence import Sequence
+from glm4.engine.step_inputs import StepInputsBuilder
 
 # Decode batches above this run eagerly: graphs pay off where launch overhead rivals the step's GPU time.
 MAX_GRAPH_BATCH = 256
@@ -75,14 +78,17 @@ class LLMEngine:
             max_blocks_needed=max_blocks_needed(config.max_num_seqs, self.max_model_len, config.block_size),
             worker_timeout_s=config.worker_timeout_s, master_addr=config.master_addr, master_port=config.master_port,
             load_format=config.load_format, startup_timeout_s=config.startup_timeout_s,
-            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, MAX_GRAPH_BATCH))
+            cuda_graph_max_batch=0 if config.enforce_eager else min(config.max_num_seqs, MAX_GRAPH_BATCH),
+            max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens)
         self.executor: Executor = resolve_executor_class(config.executor, config.tensor_parallel_size)(spec)
         self.scheduler = Scheduler(
             num_blocks=self.executor.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching, policy=config.scheduling_policy)
+        self.step_inputs = StepInputsBuilder(config.max_num_seqs, config.block_size)
         self.vocab_limit = self.tokenizer.vocab_size if self.tokenizer else self.model_config.vocab_size
-        self.sampler = Sampler(seed=config.seed, vocab_size=self.vocab_limit)
+        self.sampler = Sampler(seed=config.seed, vocab_size=self.vocab_limit, max_num_seqs=config.max_num_seqs)
         self.stop_token_ids = tuple(self.tokenizer.stop_token_ids if self.tokenizer
                                     else self.model_config.eos_token_ids)
         self._requests: dict[str, _Request] = {}
@@ -172,10 +178,15 @@ class LLMEngine:
             req = self._requests.get(e.seq.request_id)
             if req is not None and e.seq.num_cached_tokens > req.num_cached_tokens:
                 req.num_cached_tokens = e.seq.num_cached_tokens
-        inputs = StepInputs.from_schedule(out, self.engine_config.block_size)
-        logits = self.executor.execute(inputs)
         sample_rows = [i for i, e in enumerate(out.scheduled) if e.sample]
-        sampled = self.sampler(logits, [out.scheduled[i].seq for i in sample_rows])
+        try:
+            sampled = self._forward_and_sample(out, sample_rows)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
+            if not is_recoverable_oom(e):
+                raise
+            sampled, error = None, oom_message(e, out.num_batched_tokens, len(out.scheduled))
+        if sampled is None:  # past the except block: the failed step's tensors went with the exception
+            return outputs + self._fail_step(out, error)
         tokens: list[int | None] = [None] * len(out.scheduled)
         logprobs: list[dict[int, float] | None] = [None] * len(out.scheduled)
         for row, i in enumerate(sample_rows):
@@ -193,11 +204,32 @@ class LLMEngine:
             self._detokenize(seq)
             touched[req.request_id] = req
         for req in touched.values():
-            if req.finished or not req.final_only:
+            finished = req.finished  # a loop over the request's samples: once per request
+            if finished or not req.final_only:
                 outputs.append(self._output(req))
-            if req.finished:
+            if finished:
                 del self._requests[req.request_id]
         return outputs
+
+    def _forward_and_sample(self, out: SchedulerOutput, sample_rows: list[int]) -> SamplerOutput:
+        logits = self.executor.execute(self.step_inputs.build(out))
+        self.step_inputs.commit()  # only after a step that ran: a failed one's updates may not be on the device
+        return self.sampler(logits, [out.scheduled[i].seq for i in sample_rows])
+
+    def _fail_step(self, out: SchedulerOutput, error: str) -> list[RequestOutput]:
+        """After an out-of-memory error: finish every request with a sequence in the step with `error` and free
+        its blocks (nothing of the step reached the prefix cache), so the waiting requests run in later steps."""
+        release_cached_memory(self.executor.device)
+        failed = []
+        for rid in dict.fromkeys(e.seq.request_id for e in out.scheduled):
+            req = self._requests.pop(rid, None)
+            if req is None:
+                continue
+            self.scheduler.abort(rid)
+            req.error = error
+            failed.append(self._output(req))
+        logger.error("%s; failed %d request(s), the engine goes on", error, len(failed))
+        return failed
 
     def _detokenize(self, seq: Sequence) -> None:
         if seq.detokenizer is None:
@@ -250,8 +282,10 @@ class LLMEngine:
     # ---- status ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = self.scheduler.stats()
+        runner = getattr(self.executor, "runner", None)  # in-process rank 0 (not with Ray actors)
         s.update(num_requests=len(self._requests), kv_cache_tokens=self.kv_cache_tokens,
-                 num_generated_tokens=self.num_generated_tokens, num_prompt_tokens=self.num_prompt_tokens)
+                 num_generated_tokens=self.num_generated_tokens, num_prompt_tokens=self.num_prompt_tokens,
+                 cuda_graph_steps=getattr(runner, "graph_steps", 0), eager_steps=getattr(runner, "eager_steps", 0))
         return s
 
     def check_health(self) -> None:

@@ -1,8 +1,10 @@
-"""Per-rank model owner: loads this rank's shard, owns the paged KV cache, runs one step of the flattened batch.
+"""Per-rank model owner: loads this rank's shard, owns the paged KV cache and the persistent batch, runs one step
+of the flattened batch.
 
-The scheduler's decisions become a `StepInputs` (plain int64 tensors: token ids, positions, slot mapping, block
-tables, lengths, which rows to sample). With tensor parallelism, rank 0 packs it into ONE int64 tensor and
-broadcasts it (two collectives per step, no pickling); every rank unpacks it and runs the same forward.
+The scheduler's decisions become a `StepInputs` (glm4/engine/step_inputs.py: one int64 tensor with token ids,
+positions, slot mapping, lengths, block-table updates, which rows to sample). With tensor parallelism, rank 0
+broadcasts it (two collectives per step, no pickling); every rank applies it to its own persistent batch
+(glm4/engine/input_batch.py) and runs the same forward.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,78 +19,14 @@ import torch.distributed as dist
 
 from glm4.config import GLM4Config
 from glm4.engine.cuda_graphs import DecodeGraphs
-from glm4.engine.scheduler import SchedulerOutput
-from glm4.layers.attention import AttentionMetadata
+from glm4.engine.input_batch import InputBatch
+from glm4.engine.memory_profile import (kv_cache_budget, profile_step_memory, profiles_step,
+                                       step_reserve_bytes)
+from glm4.engine.step_inputs import StepInputs
+from glm4.layers.attention import tile_working_bytes
 from glm4.weights import default_dtype, load_model
 
 logger = logging.getLogger(__name__)
-
-HEADER_LEN = 6  # op, num_tokens, num_seqs, block_table_width, num_logits, reserved
-OP_STEP, OP_SHUTDOWN = 1, 0
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # (T,)
-    positions: torch.Tensor  # (T,)
-    slot_mapping: torch.Tensor  # (T,)
-    query_lens: torch.Tensor  # (S,)
-    context_lens: torch.Tensor  # (S,)
-    block_tables: torch.Tensor  # (S, W)
-    logits_indices: torch.Tensor  # (L,) rows of the flattened batch whose logits are sampled
-
-    @classmethod
-    def from_schedule(cls, out: SchedulerOutput, block_size: int) -> "StepInputs":
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qlens, clens, tables, logits_rows = [], [], [], []
-        for e in out.scheduled:
-            seq, start, n = e.seq, e.start_pos, e.num_new_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            pos.extend(range(start, start + n))
-            table = seq.block_table
-            # flat slot of position p: block_table[p // block_size] * block_size + p % block_size
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
-            qlens.append(n)
-            clens.append(start + n)
-            tables.append(table)
-            if e.sample:
-                logits_rows.append(len(ids) - 1)  # the chunk's last row predicts the next token
-        width = max(1, max((len(t) for t in tables), default=0))
-        padded: list[int] = []  # the block tables, each padded with 0 to the widest
-        for t in tables:
-            padded += t
-            padded += [0] * (width - len(t))
-        # One tensor for every field (per-step tensor creation costs ~5 us each), in the layout `pack` sends.
-        body = torch.tensor(ids + pos + slots + qlens + clens + padded + logits_rows, dtype=torch.long)
-        return cls._from_body(body, len(ids), len(qlens), width, len(logits_rows))
-
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (header, body): fixed-size header with the sizes, then every field in one int64 tensor."""
-        s, w = self.block_tables.shape
-        header = torch.tensor([OP_STEP, self.input_ids.numel(), s, w, self.logits_indices.numel(), 0],
-                              dtype=torch.long)
-        body = torch.cat([self.input_ids, self.positions, self.slot_mapping, self.query_lens, self.context_lens,
-                          self.block_tables.flatten(), self.logits_indices])
-        return header, body
-
-    @classmethod
-    def unpack(cls, header: torch.Tensor, body: torch.Tensor) -> "StepInputs":
-        _, t, s, w, n_logits, _ = (int(x) for x in header.tolist())
-        return cls._from_body(body, t, s, w, n_logits)
-
-    @classmethod
-    def _from_body(cls, body: torch.Tensor, t: int, s: int, w: int, n_logits: int) -> "StepInputs":
-        """Views of `body` (the layout of `pack`) for t tokens, s sequences, tables w wide, n_logits sampled rows."""
-        parts = body.split([t, t, t, s, s, s * w, n_logits])
-        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(s, w), parts[6])
-
-    @staticmethod
-    def body_numel(header: torch.Tensor) -> int:
-        _, t, s, w, n_logits, _ = (int(x) for x in header.tolist())
-        return 3 * t + 2 * s + s * w + n_logits
-
 
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
@@ -130,20 +67,30 @@ class ModelRunner:
             logger.debug("prepared %d linear layers for the CPU kernels", prepared)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.input_batch: InputBatch | None = None
+        self.num_blocks = 0  # the scheduler's blocks; the cache holds one more (see allocate_kv_cache)
+        self.max_model_len = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.graph_steps = 0  # steps replayed from a CUDA graph / run eagerly (engine stats)
+        self.eager_steps = 0
 
     def capture_decode_graphs(self, max_batch: int, *, emulate: bool = False) -> bool:
-        """CUDA graphs for pure decode steps of up to `max_batch` sequences (see glm4/engine/cuda_graphs.py).
-        CUDA with tensor_parallel_size=1 only for now (NCCL inside graphs is untested here); elsewhere, and if
-        capture fails, steps run eagerly. `emulate` builds the same segments without CUDA (tests)."""
-        if max_batch < 1 or not (emulate or (self.device.type == "cuda" and self.tp_size == 1)):
+        """CUDA graphs of whole decode forwards for up to `max_batch` sequences (glm4/engine/cuda_graphs.py), on
+        every rank with tensor parallelism (each rank must call this at the same point: the capture runs the
+        layers' collectives). CPU: nothing, unless `emulate` (tests build the same forwards without CUDA). A
+        capture that fails raises: graphs are the configured behaviour, and `enforce_eager=True` is the explicit
+        way to run without them."""
+        if max_batch < 1 or not (emulate or self.device.type == "cuda"):
             return False
+        assert self.kv_caches, "allocate_kv_cache first: the graphs capture the cache's addresses"
         try:
-            self.decode_graphs = DecodeGraphs(self.model, max_batch, emulate=emulate)
-        except Exception:  # a graph that cannot be captured costs speed, never the engine
-            logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
-            self.decode_graphs = None
-        return self.decode_graphs is not None
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, self.max_model_len,
+                                              pad_slot=self.num_blocks * self.block_size, emulate=emulate,
+                                              block_table_dtype=self.input_batch.block_table.dtype)
+        except Exception as e:
+            raise RuntimeError(f"CUDA graph capture failed on {self.device} (tp rank {self.tp_rank}): "
+                               f"{type(e).__name__}: {e}; pass enforce_eager=True to decode without graphs") from e
+        return True
 
     # ---- KV cache -------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -151,37 +98,44 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * c.num_layers * block_size * self.model.num_kv_heads_per_rank * c.head_dim * elem
 
-    def num_blocks_for_budget(self, kv_cache_memory: int | float | None, block_size: int,
-                              max_blocks_needed: int) -> int:
+    def num_blocks_for_budget(self, kv_cache_memory: int | float | None, block_size: int, max_blocks_needed: int,
+                              *, max_num_batched_tokens: int, max_num_seqs: int) -> int:
         """Blocks that fit in the budget: bytes (int), a fraction of the currently free memory (float), or None
-        (CUDA: 90% of free memory after loading; CPU: 20% of available RAM, at most 4 GiB). Never more blocks than
-        the engine could ever use (`max_blocks_needed`), so tiny models don't reserve gigabytes."""
-        free = available_memory_bytes(self.device)
-        if kv_cache_memory is None:
-            budget = int(0.9 * free) if self.device.type == "cuda" else min(int(0.2 * free), 4 << 30)
-        elif isinstance(kv_cache_memory, float):
-            if not 0.0 < kv_cache_memory <= 1.0:
-                raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv_cache_memory}")
-            budget = int(kv_cache_memory * free)
-        else:
-            budget = int(kv_cache_memory)
-            if budget > free:
-                raise ValueError(f"kv_cache_memory={budget:,} bytes exceeds the {free:,} bytes free on "
-                                 f"{self.device}; lower it or pass a fraction such as 0.5")
-        n = min(budget // self.kv_bytes_per_block(block_size), max_blocks_needed)
+        (CUDA: 90% of free memory after loading; CPU: 20% of available RAM, at most 4 GiB). A budget relative to
+        free memory first gives up the measured working memory of the largest step: `max_num_batched_tokens`
+        tokens, `max_num_seqs` sampled rows (glm4/engine/memory_profile.py). Never more blocks than the engine
+        could ever use (`max_blocks_needed`), so tiny models don't reserve gigabytes."""
+        reserve = 0
+        if profiles_step(kv_cache_memory, self.device):
+            num_logits = min(max_num_seqs, max_num_batched_tokens)
+            peak = profile_step_memory(self.model, dtype=self.dtype, device=self.device,
+                                       num_tokens=max_num_batched_tokens, num_logits=num_logits,
+                                       block_size=block_size)
+            reserve = step_reserve_bytes(peak, num_logits, self.config.vocab_size) + tile_working_bytes(self.device)
+        free = available_memory_bytes(self.device)  # measured after the profile run gave its memory back
+        budget = kv_cache_budget(kv_cache_memory, free, self.device, reserve)
+        per_block = self.kv_bytes_per_block(block_size)
+        n = min(budget // per_block, max_blocks_needed)
         if n < 1:
-            raise ValueError(f"kv_cache_memory budget of {budget:,} bytes holds no KV block of "
-                             f"{self.kv_bytes_per_block(block_size):,} bytes (block_size={block_size}); "
-                             "raise kv_cache_memory or lower block_size")
+            held = f" (after holding back {reserve:,} bytes for the largest step)" if reserve else ""
+            raise ValueError(f"kv_cache_memory leaves {budget:,} bytes{held}, no room for a KV block of "
+                             f"{per_block:,} bytes (block_size={block_size}); raise kv_cache_memory or lower "
+                             "block_size" + (", max_num_batched_tokens or max_num_seqs" if reserve else ""))
         return int(n)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, *, max_num_seqs: int,
+                          max_model_len: int | None) -> None:
+        """The KV cache, and the persistent batch whose block table indexes it: a row per scheduler slot, a column
+        per block of a `max_model_len` sequence (None: the model's max_position_embeddings)."""
         c = self.config
-        shape = (num_blocks, block_size, self.model.num_kv_heads_per_rank, c.head_dim)
+        # One spare block past the scheduler's: the padding rows of a CUDA-graph decode step write their K/V there.
+        shape = (num_blocks + 1, block_size, self.model.num_kv_heads_per_rank, c.head_dim)
         # zeros, not empty: padded block-table entries read real (finite) memory, never NaN garbage.
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.max_model_len = max_model_len or c.max_position_embeddings
+        self.input_batch = InputBatch(max_num_seqs, self.max_model_len, block_size, self.device)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, block_size,
                     num_blocks * block_size, num_blocks * self.kv_bytes_per_block(block_size) / 2**20)
 
@@ -189,21 +143,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Forward the flattened batch; return fp32 logits (L, vocab) for the rows to sample."""
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=inputs.slot_mapping.to(dev, non_blocking=True),
-            block_tables=inputs.block_tables.to(dev, non_blocking=True),
-            context_lens=inputs.context_lens.to(dev, non_blocking=True),
-            query_lens=inputs.query_lens.tolist(),
-            context_lens_list=inputs.context_lens.tolist(),
-            block_size=self.block_size,
-        )
-        if self.decode_graphs is not None and self.decode_graphs.handles(meta, inputs.logits_indices.numel()):
-            return self.decode_graphs.run(inputs.input_ids.to(dev, non_blocking=True),
-                                          inputs.positions.to(dev, non_blocking=True), meta, self.kv_caches)
-        hidden = self.model.forward_cached(inputs.input_ids.to(dev, non_blocking=True),
-                                           inputs.positions.to(dev, non_blocking=True), meta, self.kv_caches)
-        return self.model.compute_logits(hidden[inputs.logits_indices.to(dev)])
+        assert self.input_batch is not None, "allocate_kv_cache first"
+        step, meta = self.input_batch.prepare(inputs)
+        if self.decode_graphs is not None and self.decode_graphs.handles(meta, step.logits_indices.numel()):
+            self.graph_steps += 1
+            return self.decode_graphs.run(step.input_ids, step.positions, meta)
+        self.eager_steps += 1
+        hidden = self.model.forward_cached(step.input_ids, step.positions, meta, self.kv_caches)
+        return self.model.compute_logits(hidden[step.logits_indices])
 
 
 @torch.no_grad()

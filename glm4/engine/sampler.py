@@ -1,27 +1,39 @@
 """Batched sampler: fp32 logits [N, V] plus one Sequence per row -> one token id (and optional logprobs) per row.
 
-Processing order (vLLM's): raw logprobs are taken first, from the unprocessed model distribution; then
-min_tokens masks the row's stop ids; repetition, frequency and presence penalties; greedy rows (temperature 0)
-take the argmax here, so they see penalties but nothing else; the other rows divide by temperature, then apply
-min_p, top_k and top_p (each relative to the distribution left by the previous one) and sample.
+Processing order (vLLM's): raw logprobs come from the unprocessed logits; min_tokens masks the row's stop ids;
+repetition, frequency and presence penalties; greedy rows (temperature 0) take the argmax here, so they see
+penalties but nothing else; the other rows divide by temperature, then apply min_p, top_k and top_p (each relative
+to the distribution left by the previous one) and sample.
 
-Each of min_p, top_k and top_p keeps a *prefix* of the tokens sorted by logit, so filtered rows work on the top
-`CANDIDATES` logits only (`topk` instead of a full-vocabulary sort, then sampling among <= 1024 tokens); a row whose
-kept set might reach past the candidates is redone exactly over the whole vocabulary.
-
-Sampling is by inverse CDF with ONE uniform per row (no host sync, no V random numbers per row). Seeded rows
-draw it from their own torch.Generator (seeded with params.seed + sample index, created on first use and kept on
-the Sequence), so a seeded request's tokens do not depend on what else is in the batch. Unseeded rows share the
-sampler's generator (engine-wide seed).
+Host work per step is O(batch), whatever the context length; device work is a fixed number of passes over the
+logits, no sort of the vocabulary:
+- all rows greedy and nothing to edit: one argmax over the logits, no copy;
+- otherwise the logits are copied, times 1 / temperature (1 for greedy rows), into a persistent workspace padded to
+  a multiple of 1024 columns (the caller's logits stay untouched for the raw logprobs). min_tokens and the penalties
+  edit only the affected entries, one scatter each; the penalty statistics live on the device per slot
+  (penalties.py). Greedy rows take their argmax from chunk maxima;
+- sampled rows: a fused softmax in place, chunk sums (which also give the accurate row mass), then min_p / top_k /
+  top_p and the draw from filters.py: candidate paths for peaked rows, an exact radix select for the others. Which
+  path settles a row depends on that row alone;
+- one uniform per sampled row from a counter-based hash (rng.py): a seeded row's tokens depend on its seed, position
+  and logits only, and runs repeat;
+- one device-to-host transfer: the ids, the penalised rows' distinct-token counts and the requested logprobs,
+  packed into one float64 vector.
+On CPU only the rows a path did not settle go on to the next (reading a CPU tensor stalls nothing); on an
+accelerator every sampled row goes through every path and `where` keeps the first exact draw, so nothing waits on
+the device. No [n, V] temporaries: on CPU a fresh allocation that size page-faults its way in at every step
+(a 78 MB index_select took 300 ms; into a reused buffer, 13 ms).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
+from glm4.engine import filters
+from glm4.engine.penalties import PenaltyState, PenaltyStep, has_penalty
+from glm4.engine.rng import CounterUniforms
 from glm4.engine.sequence import Sequence
 from glm4.kernels import cpu
 
@@ -30,12 +42,6 @@ from glm4.kernels import cpu
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]  # per row: {sampled id: lp, top-k ids: lp} or None if not requested
-
-
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -47,206 +53,227 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _rows(seqs: list[Sequence], pred) -> list[int]:
-    return [i for i, s in enumerate(seqs) if pred(s)]
+def _argmax_chunked(xs: torch.Tensor) -> torch.Tensor:
+    """Greedy ids of the workspace rows from their chunk maxima: the first chunk holding the row maximum, then the
+    first position inside it (the same ids as `_argmax`: first index on ties, NaN counted as the maximum; and a
+    vectorised max instead of torch's scalar argmax)."""
+    n = xs.shape[0]
+    chunks = xs.view(n, -1, filters.CHUNK)
+    c = chunks.amax(dim=2).argmax(dim=1)
+    return c * filters.CHUNK + chunks[torch.arange(n, device=xs.device), c].argmax(dim=1)
 
 
 def _needs_min_tokens_mask(s: Sequence) -> bool:
     return bool(s.stop_token_ids) and not s.min_tokens_reached
 
 
-def _has_penalty(s: Sequence) -> bool:
-    p = s.params
-    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
-
-
-def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def _mask_stop_ids(xs: torch.Tensor, seqs: list[Sequence], rows: list[int], vocab: int) -> None:
     """In place: a row must not stop before it has generated min_tokens tokens, so its stop ids get -inf."""
-    vocab = logits.shape[1]
-    for i, s in enumerate(seqs):
-        if _needs_min_tokens_mask(s):
-            logits[i, [t for t in s.stop_token_ids if t < vocab]] = float("-inf")
+    width = xs.shape[1]
+    flat = [i * width + t for i in rows for t in seqs[i].stop_token_ids if t < vocab]
+    if flat:
+        xs.view(-1)[torch.tensor(flat, device=xs.device)] = float("-inf")
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """In place: repetition (prompt + output tokens), then frequency and presence (output tokens only).
+@dataclass
+class _Params:
+    """Per-row parameters as device tensors, built per step from the sequences (O(batch) host work). Greedy rows get
+    neutral values: scale 1 (their argmax is taken on the scaled logits) and no filters."""
+    scale: torch.Tensor  # [n, 1] 1 / temperature (1 for greedy rows): the logits are scaled while copied
+    greedy: torch.Tensor  # [n] bool
+    min_p: torch.Tensor  # [n], 0 = off
+    top_k: torch.Tensor  # [n] int64, 0 = off (top_k >= vocab is off too)
+    top_p: torch.Tensor  # [n], 1 = off
+    any_greedy: bool
+    any_min: bool
+    any_k: bool
+    any_p: bool
 
-    Only the seen tokens change, so work on them alone: gather their logits, penalise, scatter back
-    (O(seen tokens) instead of several passes over the vocabulary)."""
-    rows = _rows(seqs, _has_penalty)
-    if not rows:
-        return
-    dev = logits.device
-    uniq, out_counts = [], []
-    for i in rows:
-        counts = Counter(seqs[i].output_token_ids)
-        in_prompt = dict.fromkeys(seqs[i].prompt_token_ids)
-        ids = list(in_prompt) + [t for t in counts if t not in in_prompt]
-        uniq.append(ids)
-        out_counts.append([counts.get(t, 0) for t in ids])
-    if not any(uniq):  # nothing seen yet (only possible with an empty prompt)
-        return
-    rows = [r for r, u in zip(rows, uniq) if u]
-    out_counts = [c for c, u in zip(out_counts, uniq) if u]
-    uniq = [u for u in uniq if u]
-    width = max(len(u) for u in uniq)
-    # Pad by repeating the row's first id: the duplicate computes and writes back the same value.
-    ids = torch.tensor([u + [u[0]] * (width - len(u)) for u in uniq], dtype=torch.long, device=dev)
-    cnt = torch.tensor([c + [c[0]] * (width - len(c)) for c in out_counts], dtype=torch.float, device=dev)
-    rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=dev).unsqueeze(1)
-    freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=dev).unsqueeze(1)
-    pres = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=dev).unsqueeze(1)
-    # Flat indices into the contiguous logits, so no [rows, V] copies are made.
-    flat_idx = torch.tensor(rows, dtype=torch.long, device=dev).unsqueeze(1) * logits.shape[1] + ids
-    flat = logits.view(-1)
-    g = flat[flat_idx]
-    # vLLM/CTRL repetition penalty: shrink positive logits, push negative ones further down.
-    g = torch.where(g > 0, g / rep, g * rep)
-    g = g - freq * cnt - pres * (cnt > 0).float()  # OpenAI: counts of generated tokens only
-    flat[flat_idx] = g
+    @classmethod
+    def of(cls, seqs: list[Sequence], vocab: int, device: torch.device) -> "_Params":
+        rows = [(1.0, 1.0, 0.0, 0, 1.0) if p.temperature == 0 else
+                (1.0 / p.temperature, 0.0, p.min_p, p.top_k if 0 < p.top_k < vocab else 0, p.top_p)
+                for p in (s.params for s in seqs)]
+        cols = torch.tensor(rows, dtype=torch.float32, device=device)
+        return cls(scale=cols[:, :1], greedy=cols[:, 1] > 0, min_p=cols[:, 2], top_k=cols[:, 3].long(),
+                   top_p=cols[:, 4], any_greedy=any(r[1] > 0 for r in rows), any_min=any(r[2] > 0 for r in rows),
+                   any_k=any(r[3] > 0 for r in rows), any_p=any(r[4] < 1 for r in rows))
+
+
+def _pending_rows(pending: torch.Tensor) -> torch.Tensor | None:
+    """The rows still to settle, None when there are none. On CPU only those (reading a CPU tensor stalls nothing);
+    elsewhere all rows, with `where` keeping the settled ones, since reading `pending` would wait for the device."""
+    if not pending.is_cpu:
+        return torch.arange(pending.shape[0], device=pending.device)
+    rows = pending.nonzero().squeeze(1)
+    return rows if rows.numel() else None
+
+
+def _draw_candidates(p: torch.Tensor, chunk_sums: torch.Tensor, z: torch.Tensor, params: _Params, u: torch.Tensor,
+                     ids: torch.Tensor) -> torch.Tensor:
+    """The candidate paths (filters.CANDIDATES, in turn) on the sampled rows: writes the ids of the rows they settle
+    into ids and returns which rows are still pending. A row goes on to the next count only if it might settle there
+    (filters.could_settle); the others go straight to the radix path."""
+    pending = ~params.greedy
+    trying = pending.clone()
+    for i, k in enumerate(filters.CANDIDATES):
+        rows = _pending_rows(trying)
+        if rows is None:
+            break
+        c, cols, b = filters.top_candidates(p, chunk_sums, k, rows)
+        row_params = (z[rows], params.min_p[rows], params.top_k[rows], params.top_p[rows])
+        tau, exact = filters.candidate_thresholds(c, b, *row_params)
+        drawn = cols.gather(1, filters.sample_weights(c * (c >= tau.unsqueeze(1)), u[rows]).unsqueeze(1))
+        settled = trying[rows] & exact
+        ids[rows] = torch.where(settled, drawn.squeeze(1), ids[rows])
+        pending[rows] &= ~settled
+        wider = filters.CANDIDATES[i + 1] if i + 1 < len(filters.CANDIDATES) else 0
+        trying[rows] &= ~exact & filters.could_settle(c, b, *row_params, wider)
+    return pending
+
+
+def _compact_(x: torch.Tensor, rows: list[int]) -> None:
+    """In place: x[j] = x[rows[j]] for ascending rows (rows[j] >= j, so no row is overwritten before it is read)."""
+    for j, i in enumerate(rows):
+        if i != j:
+            x[j].copy_(x[i])
 
 
 class Sampler:
-    def __init__(self, seed: int | None = 0, vocab_size: int | None = None):
+    def __init__(self, seed: int | None = 0, vocab_size: int | None = None, max_num_seqs: int = 256):
         """seed: for unseeded random rows (None -> nondeterministic). vocab_size: if set, ids >= vocab_size
-        (the model's padding rows, which are no token) are never sampled."""
-        self.seed = seed
+        (the model's padding rows, which are no token) are never sampled. max_num_seqs: the slots
+        (`Sequence.slot`) the penalty state is indexed by."""
         self.vocab_size = vocab_size
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _shared_generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if device not in self._generators:
-            self._generators[device] = make_generator(self.seed, device)
-        return self._generators[device]
+        self.max_num_seqs = max_num_seqs
+        self.uniforms = CounterUniforms(seed)
+        self.penalties = PenaltyState(max_num_seqs)
+        self._workspace: torch.Tensor | None = None  # [rows, padded vocab] float32, reused every step
+        self._radix = filters.RadixBuffers()
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), (tuple(logits.shape), len(seqs))
-        n, vocab = logits.shape
-        dev = logits.device
-        if self.vocab_size is not None and self.vocab_size < vocab:
+        if self.vocab_size is not None and self.vocab_size < logits.shape[1]:
             logits = logits[:, :self.vocab_size]  # a view: the padding ids are no token and are never drawn
-        # Copy only when something below edits logits in place (the all-greedy, no-penalty case skips it).
-        if any(_needs_min_tokens_mask(s) or _has_penalty(s) for s in seqs):
-            logits = logits.float().clone(memory_format=torch.contiguous_format)
+        vocab = logits.shape[1]
+        all_greedy = all(s.params.temperature == 0 for s in seqs)
+        stop_rows = [i for i, s in enumerate(seqs) if _needs_min_tokens_mask(s)]
+        pen_rows = [i for i, s in enumerate(seqs) if has_penalty(s)]
+        pen = None
+        if all_greedy and not stop_rows and not pen_rows:
+            ids = _argmax(logits)
         else:
-            logits = logits.float()
+            params = _Params.of(seqs, vocab, logits.device)
+            xs = self._load(logits, None if all_greedy else params.scale)
+            if stop_rows:
+                _mask_stop_ids(xs, seqs, stop_rows, vocab)
+            if pen_rows:
+                pen = self.penalties.prepare(seqs, pen_rows, vocab, logits.device)
+                self.penalties.apply(xs, pen, params.scale)
+            ids = _argmax_chunked(xs) if all_greedy else self._sample(xs, seqs, params)
+            # A padding column can only be drawn from NaN logits (every weight NaN); even then return a real id.
+            ids.clamp_(max=vocab - 1)
+        return self._finish(logits, seqs, ids, pen, pen_rows)
 
-        lp_rows = _rows(seqs, lambda s: s.params.logprobs is not None)
-        raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
-
-        apply_min_tokens(logits, seqs)
-        apply_penalties(logits, seqs)
-
-        greedy = _rows(seqs, lambda s: s.params.temperature == 0)
-        if len(greedy) == n:  # common case: no gather/scatter copies of the logits
-            token_ids = _argmax(logits)
+    def _load(self, logits: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The logits (times scale, [n, 1], if given) copied into the workspace [n, padded vocab]; padding -inf."""
+        n, vocab = logits.shape
+        width = filters.padded_width(vocab)
+        ws = self._workspace
+        if ws is None or ws.shape[0] < n or ws.shape[1] != width or ws.device != logits.device:
+            rows = min(1 << (n - 1).bit_length(), max(n, self.max_num_seqs))
+            ws = self._workspace = torch.empty(rows, width, device=logits.device)
+        xs = ws[:n]
+        if scale is None:
+            xs[:, :vocab].copy_(logits)
         else:
-            token_ids = torch.empty(n, dtype=torch.long, device=dev)
-            if greedy:
-                token_ids[greedy] = _argmax(logits[greedy])
-            rand = _rows(seqs, lambda s: s.params.temperature != 0)
-            token_ids[rand] = self._sample(logits[rand], [seqs[i] for i in rand])
+            torch.mul(logits, scale, out=xs[:, :vocab])
+        xs[:, vocab:].fill_(float("-inf"))
+        return xs
 
-        ids = token_ids.tolist()
-        out_lp: list[dict[int, float] | None] = [None] * n
+    def _sample(self, xs: torch.Tensor, seqs: list[Sequence], params: _Params) -> torch.Tensor:
+        """Tempered logits in the workspace (overwritten) -> ids [n] (greedy rows: argmax)."""
+        n = xs.shape[0]
+        ids = _argmax_chunked(xs) if params.any_greedy else torch.zeros(n, dtype=torch.long, device=xs.device)
+        u = self.uniforms(seqs, xs.device)
+        p = torch.ops.aten._softmax.out(xs, 1, False, out=xs)  # in place: the fused kernel, no [n, V] temporary
+        chunk_sums = p.view(n, -1, filters.CHUNK).sum(dim=2)
+        z = chunk_sums.sum(dim=1)  # the kernel's own normalisation is only good to ~1e-5
+        pending = _draw_candidates(p, chunk_sums, z, params, u, ids)
+        rows = _pending_rows(pending)
+        if rows is not None:
+            ids[rows] = torch.where(pending[rows], self._radix_rows(p, z, params, u, rows), ids[rows])
+        return ids
+
+    def _radix_rows(self, p: torch.Tensor, z: torch.Tensor, params: _Params, u: torch.Tensor,
+                    rows: torch.Tensor) -> torch.Tensor:
+        """Draws for p's rows `rows` through the radix path (filters.fallback_sample), RADIX_ROWS at a time; p is
+        overwritten (a subset of rows is first moved to the front)."""
+        if rows.numel() < p.shape[0]:
+            _compact_(p, rows.tolist())  # only on CPU: elsewhere `rows` are all rows
+        used = None if p.is_cpu else (params.any_min, params.any_k, params.any_p)
+        return self._radix_groups(p[:rows.numel()], z[rows], params.min_p[rows], params.top_k[rows],
+                                  params.top_p[rows], u[rows], used)
+
+    def _radix_groups(self, p: torch.Tensor, z: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, u: torch.Tensor, used: tuple[bool, bool, bool] | None) -> torch.Tensor:
+        """filters.fallback_sample, RADIX_ROWS rows at a time. used: which filters some row has (None: look, on CPU)."""
+        out = []
+        for g in range(0, p.shape[0], filters.RADIX_ROWS):
+            s = slice(g, g + filters.RADIX_ROWS)
+            flags = used or (bool((min_p[s] > 0).any()), bool((top_k[s] > 0).any()), bool((top_p[s] < 1).any()))
+            out.append(filters.fallback_sample(p[s], z[s], min_p[s], top_k[s], top_p[s], u[s], self._radix, *flags))
+        return torch.cat(out)
+
+    def _finish(self, logits: torch.Tensor, seqs: list[Sequence], ids: torch.Tensor, pen: PenaltyStep | None,
+                pen_rows: list[int]) -> SamplerOutput:
+        """Record the penalised rows' tokens, bring everything to the host in one transfer, build the output."""
+        n = len(seqs)
+        parts = [ids]
+        if pen is not None:
+            parts.append(self.penalties.record(pen, ids))
+        lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        k = max((seqs[i].params.logprobs for i in lp_rows), default=0)
         if lp_rows:
-            k_max = max(seqs[i].params.logprobs for i in lp_rows)
-            top_vals, top_ids = raw_logprobs.topk(k_max, dim=-1) if k_max else (None, None)
-            chosen = raw_logprobs.gather(1, token_ids[lp_rows].unsqueeze(1)).squeeze(1).tolist()
-            top_vals = top_vals.tolist() if k_max else None
-            top_ids = top_ids.tolist() if k_max else None
-            for j, i in enumerate(lp_rows):
-                d = {ids[i]: chosen[j]}  # the sampled token first, then the top-k (vLLM's layout)
-                for t, v in zip((top_ids[j] if k_max else [])[:seqs[i].params.logprobs],
-                                (top_vals[j] if k_max else [])[:seqs[i].params.logprobs]):
-                    d.setdefault(t, v)
-                out_lp[i] = d
-        return SamplerOutput(ids, out_lp)
-
-    def _uniforms(self, seqs: list[Sequence], dev: torch.device) -> torch.Tensor:
-        """One U[0,1) per row; a seeded row consumes exactly one draw of its own generator per sampled token."""
-        u = torch.empty(len(seqs), device=dev)
-        shared = [i for i, s in enumerate(seqs) if s.params.seed is None]
-        if shared:
-            u[shared] = torch.rand(len(shared), device=dev, generator=self._shared_generator(dev))
-        for i, s in enumerate(seqs):
-            if s.params.seed is not None:
-                if s.generator is None or s.generator.device != u.device:
-                    # vLLM's n>1 rule (seed + index), wrapped into the 64-bit range torch accepts.
-                    s.generator = make_generator((s.params.seed + s.index) % 2**64, dev)
-                u[i] = torch.rand(1, device=dev, generator=s.generator)[0]
-        return u
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits [M, V] of the non-greedy rows -> sampled ids [M]."""
-        dev = logits.device
-        temp = torch.tensor([s.params.temperature for s in seqs], device=dev).unsqueeze(1)
-        x = logits / temp
-        u = self._uniforms(seqs, dev)
-        out = torch.empty(len(seqs), dtype=torch.long, device=dev)
-        filtered = _rows(seqs, lambda s: s.params.min_p > 0 or s.params.top_k > 0 or s.params.top_p < 1)
-        plain = _rows(seqs, lambda s: not (s.params.min_p > 0 or s.params.top_k > 0 or s.params.top_p < 1))
-        if plain:
-            out[plain] = _inverse_cdf(torch.softmax(x[plain], dim=-1), u[plain])
-        # Group by candidate count so that a row's arithmetic (and so a seeded row's token) never depends on the
-        # top_k of other rows in the batch.
-        groups: dict[int, list[int]] = {}
-        for i in filtered:
-            groups.setdefault(min(x.shape[1], max(CANDIDATES, seqs[i].params.top_k)), []).append(i)
-        for cap, rows in groups.items():
-            out[rows] = _sample_filtered(x[rows], [seqs[i] for i in rows], u[rows], cap)
-        return out
+            parts += _raw_logprobs(logits, ids, lp_rows, k)
+        host = torch.cat([p.reshape(-1).double() for p in parts]).tolist()
+        token_ids = [int(t) for t in host[:n]]
+        pos = n
+        if pen is not None:
+            self.penalties.commit(seqs, pen_rows, [int(v) for v in host[pos:pos + len(pen_rows)]])
+            pos += len(pen_rows)
+        out_lp: list[dict[int, float] | None] = [None] * n
+        for i, d in zip(lp_rows, _logprob_dicts(seqs, lp_rows, k, token_ids, host[pos:])):
+            out_lp[i] = d
+        return SamplerOutput(token_ids, out_lp)
 
 
-CANDIDATES = 1024
+_LOGPROB_ROWS = 16  # rows per log_softmax: its [rows, V] temporary stays small enough to be reused, not page-faulted
 
 
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """weights [R, K] >= 0 (unnormalised), u [R] in [0, 1) -> index [R] drawn proportionally to weights.
+def _raw_logprobs(logits: torch.Tensor, ids: torch.Tensor, rows: list[int], k: int) -> list[torch.Tensor]:
+    """Logprobs of the unprocessed logits for `rows`: the sampled tokens' [m, 1], then (k > 0) the top k values and
+    ids [m, k]."""
+    parts: list[list[torch.Tensor]] = []
+    for g in range(0, len(rows), _LOGPROB_ROWS):
+        r = torch.tensor(rows[g:g + _LOGPROB_ROWS], device=logits.device)
+        raw = torch.log_softmax(logits[r].float(), dim=-1)
+        parts.append([raw.gather(1, ids[r].unsqueeze(1)), *(raw.topk(k, dim=-1) if k else ())])
+    return [torch.cat(column) for column in zip(*parts)]
 
-    Zero-weight entries have an empty CDF interval, so they can never be chosen."""
-    cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:].contiguous()
-    idx = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
-    # u * total can round up to total; fall back to the last entry that has weight.
-    last = torch.searchsorted(cdf, total, right=False)
-    return torch.minimum(idx, last).squeeze(1)
 
-
-def _sample_filtered(x: torch.Tensor, seqs: list[Sequence], u: torch.Tensor, cap: int) -> torch.Tensor:
-    """Tempered logits [R, V] with min_p / top_k / top_p -> ids [R], over the top `cap` candidates when exact."""
-    rows, vocab = x.shape
-    dev = x.device
-    ks = [s.params.top_k if s.params.top_k > 0 else 0 for s in seqs]
-    k = min(vocab, max(cap, max(ks)))  # callers group rows so that this equals cap
-    # sorted descending; a full sort is cheaper than topk(k=V)
-    vals, idx = x.sort(dim=-1, descending=True) if k == vocab else x.topk(k, dim=-1)
-    pos = torch.arange(k, device=dev)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev).unsqueeze(1)
-    top_k = torch.tensor([kk if kk else vocab for kk in ks], device=dev).unsqueeze(1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev).unsqueeze(1)
-    has_k = top_k < vocab
-
-    # min_p: p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
-    thr = vals[:, :1] + torch.log(min_p)  # -inf where min_p == 0
-    keep = (vals >= thr) & (pos < top_k)
-    # top_p is relative to what min_p and top_k left. With top_k that is all among the candidates; without it,
-    # tokens beyond the candidates count too, so normalise over the whole (min_p-filtered) row.
-    norm = torch.where(has_k, torch.logsumexp(vals.masked_fill(~keep, float("-inf")), dim=-1, keepdim=True),
-                       torch.logsumexp(x.masked_fill(x < thr, float("-inf")), dim=-1, keepdim=True))
-    probs = torch.exp(vals - norm).masked_fill(~keep, 0.0)
-    cum = probs.cumsum(dim=-1)
-    keep &= (cum - probs) < top_p  # drop a token once the mass before it reaches top_p (the first always stays)
-
-    # Exact within the candidates unless the kept prefix could continue past them.
-    exact = has_k | (vals[:, -1:] < thr) | ((top_p < 1) & (cum[:, -1:] >= top_p))
-    exact = exact.squeeze(1) | (k == vocab)
-    out = idx.gather(1, _inverse_cdf(torch.exp(vals - vals[:, :1]).masked_fill(~keep, 0.0), u).unsqueeze(1))
-    out = out.squeeze(1)
-    redo = torch.nonzero(~exact).flatten().tolist()
-    if redo:
-        out[redo] = _sample_filtered(x[redo], [seqs[i] for i in redo], u[redo], vocab)
+def _logprob_dicts(seqs: list[Sequence], rows: list[int], k: int, token_ids: list[int],
+                   flat: list[float]) -> list[dict[int, float]]:
+    """Per row of `rows`, {sampled id: lp, then its top logprobs ids: lp} (vLLM's layout) from `_raw_logprobs`'
+    tensors as they came back flattened: the m sampled values, then m * k top values, then m * k top ids."""
+    m = len(rows)
+    chosen, vals, tops = flat[:m], flat[m:m + m * k], flat[m + m * k:m + 2 * m * k]
+    out = []
+    for j, i in enumerate(rows):
+        d = {token_ids[i]: chosen[j]}
+        top = seqs[i].params.logprobs
+        for t, v in zip(tops[j * k:j * k + top], vals[j * k:j * k + top]):
+            d.setdefault(int(t), v)
+        out.append(d)
     return out

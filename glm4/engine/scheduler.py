@@ -11,6 +11,9 @@ When a running sequence needs a block and none is free, the most recently admitt
 admitted in a step that preempted. The oldest running sequence is therefore never a victim while others run, and
 `add` rejects any request that could not fit in the whole cache alone, so the engine always makes progress.
 
+Slots: a sequence that starts running takes a free slot in [0, max_num_seqs) (`Sequence.slot`: its row in the
+model runner's persistent batch) and gives it back when it stops running (finish, abort, preemption); O(1) each.
+
 Shared prefixes: a waiting sequence whose next uncached full block is being computed right now by a running
 prefill (the other samples of an n>1 request, or prompts with a common system prompt) waits a step and then hits
 the prefix cache instead of computing the same K/V twice.
@@ -81,6 +84,7 @@ class Scheduler:
         self.lpm_max_queue = lpm_max_queue
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; the last one is the preemption victim
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))  # a stack: pop() hands out slot 0 first
         self._requests: dict[str, list[Sequence]] = {}  # unfinished seqs per request id
         self.num_preemptions = 0
         self.num_prefill_tokens = 0
@@ -126,6 +130,7 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._release_slot(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
@@ -206,6 +211,7 @@ class Scheduler:
                 break
             bm.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
+            seq.slot = self._free_slots.pop()  # one is free: fewer than max_num_seqs are running
             self.running.append(seq)
             scheduled[seq.seq_id] = ScheduledSeq(seq, n, seq.num_computed_tokens, True, n == len(seq) - cached)
             budget -= n
@@ -219,11 +225,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_slot(seq)
         self.block_manager.free(seq)  # also resets num_computed_tokens: the whole sequence is recomputed
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_slot(self, seq: Sequence) -> None:
+        self._free_slots.append(seq.slot)
+        seq.slot = None
 
     def _order_waiting(self) -> None:
         if (self.policy != "lpm" or not self.block_manager.enable_prefix_caching
@@ -271,6 +282,7 @@ class Scheduler:
             seq.append_token(int(token), logprobs[i] if logprobs is not None else None)
             if seq.check_token_stop(self.max_model_len):
                 self.running.remove(seq)
+                self._release_slot(seq)
                 self.block_manager.free(seq)
                 self._forget(seq)
                 finished.append(seq)

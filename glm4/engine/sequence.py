@@ -9,8 +9,7 @@ Token bookkeeping (the invariants the block manager, scheduler and model runner 
 - `block_table[i]` holds positions i*block_size .. (i+1)*block_size-1; the K/V of position p lives at flat slot
   `block_table[p // block_size] * block_size + p % block_size`.
 
-No torch import (the scheduler imports this module and must stay torch-free): `generator` is created lazily by
-the sampler on the logits' device.
+No torch import: the scheduler imports this module and must stay torch-free.
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from glm4.engine.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -78,9 +74,6 @@ class Sequence:
         # runner's device block tables and the sampler's device penalty state are indexed by it, so a step's
         # host work is O(batch), not O(context).
         self.slot: int | None = None
-
-        # Sampler state: per-sequence RNG for seeded requests (created by the sampler on first use).
-        self.generator: "torch.Generator | None" = None
 
         # Engine hooks for detokenization and streaming (the engine owns their meaning).
         self.detokenizer: Any = None  # e.g. an IncrementalDetokenizer

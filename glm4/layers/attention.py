@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from glm4.kernels import cpu
 
-# Elements of one tile's largest temporary (scores of every query row against the tile's keys, or the tile's gathered
-# K/V): bounds attention working memory per layer, independent of the context length. 2^24 fp32 = 64 MiB.
-TILE_BUDGET = 1 << 24
+# CUDA: elements of one tile's temporaries (scores of every query row against the tile's keys, plus the tile's K/V):
+# bounds attention working memory per layer, independent of the context length. 2^26 fp32 = 256 MiB: wide tiles,
+# few kernels (a 16K-token decode bucket of 256 rows is 34 tiles per layer).
+TILE_BUDGET = 1 << 26
 # On CPU the scores of one (query block x key tile) stay cache-sized, so the softmax passes over them (max, exp, sum)
 # run from cache, not from DRAM: 2^20 fp32 = 4 MiB, key tiles of at most 512 tokens.
 CPU_SCORE_BLOCK = 1 << 20
@@ -191,6 +192,13 @@ class DecodeMetadata:
                                       block_tables=self.block_tables, max_ctx=width * self.block_size,
                                       tile_blocks=tile, query_block=qblock)
         return self._group[key]
+
+
+def tile_working_bytes(device: torch.device) -> int:
+    """An upper bound on what one tiled attention call holds beyond its inputs and outputs: the fp32 scores, their
+    copy in the value dtype, the K/V tile and the running statistics (the profile run that sizes the KV cache sees
+    only fresh prompts, so this is reserved on top of what it measures)."""
+    return (TILE_BUDGET if device.type == "cuda" else CPU_SCORE_BLOCK + 2 * CPU_MAX_TILE_KEYS * 1024) * 8
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,7 +25,11 @@ def available() -> bool:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.dim() == 2 and available()
+    """fp32 anywhere oneDNN is; bf16 only on AVX-512 CPUs (oneDNN refuses to reorder bf16 weights without it, e.g.
+    on AVX2-only machines, where the layer keeps `F.linear`)."""
+    if weight.device.type != "cpu" or weight.dtype not in _DTYPES or weight.dim() != 2 or not available():
+        return False
+    return weight.dtype == torch.float32 or "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

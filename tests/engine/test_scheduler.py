@@ -77,6 +77,15 @@ def check_invariants(sched, out):
             refs[b] += 1
     assert [b.ref_count for b in bm.blocks] == refs, "leaked or double-counted blocks"
     assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in sched.waiting)
+    check_slots(sched)
+
+
+def check_slots(sched):
+    """Running sequences hold distinct slots in [0, max_num_seqs); nobody else holds one; none leaked."""
+    slots = [s.slot for s in sched.running]
+    assert len(set(slots)) == len(slots) and all(0 <= x < sched.max_num_seqs for x in slots), slots
+    assert all(s.slot is None for s in sched.waiting)
+    assert sorted(slots + sched._free_slots) == list(range(sched.max_num_seqs)), "leaked or double-freed slot"
 
 
 def run(sched, model=None, max_steps=5000, on_step=None):
@@ -90,6 +99,8 @@ def run(sched, model=None, max_steps=5000, on_step=None):
         assert not out.is_empty, "no progress while work is pending"
         steps.append([(e.seq, e.num_new_tokens, e.is_prefill, e.sample) for e in out.scheduled])
         finished = sched.postprocess(out, model.step(out))
+        assert all(s.slot is None for s in finished + out.preempted)
+        check_slots(sched)
         if on_step:
             on_step(out, finished)
     raise AssertionError("did not finish")
@@ -176,6 +187,7 @@ def test_preempts_most_recent_and_requeues_at_front():
             break
         sched.postprocess(out, model.step(out))
     assert out.preempted == [b] and sched.waiting[0] is b and b.block_table == [] and b.num_computed_tokens == 0
+    assert b.slot is None and a.slot == 0
     assert sched.running == [a]
 
 
@@ -259,6 +271,35 @@ def test_abort_frees_blocks_running_and_waiting():
     assert sched.abort("a") == [] and sched.abort("unknown") == []
     run(sched, model)
     assert b.finish_reason == "length"
+
+
+def test_slots_assigned_on_admission_reused_and_released_on_every_exit():
+    sched = make_sched(max_num_seqs=3, max_num_batched_tokens=256)
+    a = make_seq([7] * 5, rid="a", max_tokens=1)  # finishes in its first step (postprocess)
+    b = make_seq([8] * 5, rid="b", max_tokens=50)  # aborted
+    c = make_seq([9] * 5, rid="c", max_tokens=50)  # finished by a stop string (finish_seq)
+    d = make_seq([6] * 5, rid="d", max_tokens=50)
+    for s in (a, b, c, d):
+        sched.add(s)
+    assert all(s.slot is None for s in (a, b, c, d))
+    model = FakeModel(sched)
+    out = sched.schedule()
+    assert [(e.seq, e.seq.slot) for e in out.scheduled] == [(a, 0), (b, 1), (c, 2)] and d.slot is None
+    sched.postprocess(out, model.step(out))
+    assert a.is_finished and a.slot is None
+    out = sched.schedule()
+    assert d.slot == 0, "a's slot is reused"
+    sched.postprocess(out, model.step(out))
+    sched.abort("b")
+    sched.finish_seq(c, "stop", stop_reason="x")
+    assert b.slot is None and c.slot is None
+    check_slots(sched)
+    e, f = make_seq([5] * 5, max_tokens=3), make_seq([4] * 5, max_tokens=3)
+    sched.add(e)
+    sched.add(f)
+    sched.schedule()
+    assert {e.slot, f.slot} == {1, 2}
+    check_slots(sched)
 
 
 def test_impossible_requests_error_without_crashing():

@@ -43,7 +43,12 @@ def _compare_models(tiny_checkpoint, dtype, tol):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype, tol", [
+    (torch.float32, 1e-5),
+    pytest.param(torch.bfloat16, 5e-2, marks=pytest.mark.skipif(
+        "AVX512" not in torch.backends.cpu.get_cpu_capability(),
+        reason="oneDNN packs bf16 weights on AVX-512 CPUs only (elsewhere bf16 layers keep F.linear)")),
+])
 def test_packed_model_matches_dense(tiny_checkpoint, dtype, tol, no_kernels):
     linears = _compare_models(tiny_checkpoint, dtype, tol)
     assert all(m.packed_weight is not None and m.weight.numel() == 0 for m in linears)  # one copy, not two

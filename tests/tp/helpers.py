@@ -7,13 +7,14 @@ import time
 
 import torch
 
-from glm4.engine.model_runner import StepInputs
+from glm4.engine.step_inputs import StepInputs
 
 
 def build_steps(vocab_size: int, block_size: int = 4, num_decode: int = 5, seed: int = 0) -> list[StepInputs]:
     """A fixed engine-like step sequence, built by hand: two prompts prefilled whole, a third prefilled in two
     chunks (the first chunk samples nothing), then decode steps of all three. Token ids are predetermined, so
-    every executor sees exactly the same inputs whatever its logits."""
+    every executor sees exactly the same inputs whatever its logits. Each sequence keeps one slot of the persistent
+    batch throughout; the first step sends the whole block tables, the later ones no update."""
     g = torch.Generator().manual_seed(seed)
     prompts = {"a": 7, "b": 5, "c": 9}
     total = {k: n + num_decode + 1 for k, n in prompts.items()}
@@ -30,24 +31,23 @@ def build_steps(vocab_size: int, block_size: int = 4, num_decode: int = 5, seed:
     for _ in range(num_decode - 1):
         schedule.append([(k, pos[k], 1, True) for k in ("a", "b", "c")])
         pos = {k: v + 1 for k, v in pos.items()}
+    seq_slot = {k: i for i, k in enumerate(prompts)}
     steps = []
-    for entries in schedule:
-        ids, positions, slots, qlens, clens, bts, rows = [], [], [], [], [], [], []
+    for step, entries in enumerate(schedule):
+        ids, positions, slots, qlens, clens, seq_slots, updates, rows = [], [], [], [], [], [], [], []
         for k, start, n, sample in entries:
             ids += tokens[k][start:start + n]
             positions += list(range(start, start + n))
             slots += [tables[k][p // block_size] * block_size + p % block_size for p in range(start, start + n)]
             qlens.append(n)
             clens.append(start + n)
-            bts.append(tables[k])
+            seq_slots.append(seq_slot[k])
+            if step == 0:
+                for col, block in enumerate(tables[k]):
+                    updates += (seq_slot[k], col, block)
             if sample:
                 rows.append(len(ids) - 1)
-        width = max(len(t) for t in bts)
-        bt = torch.zeros((len(bts), width), dtype=torch.long)
-        for i, t in enumerate(bts):
-            bt[i, :len(t)] = torch.tensor(t)
-        as_t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        steps.append(StepInputs(as_t(ids), as_t(positions), as_t(slots), as_t(qlens), as_t(clens), bt, as_t(rows)))
+        steps.append(StepInputs.from_lists(ids, positions, slots, qlens, clens, seq_slots, updates, rows, block_size))
     return steps
 
 

@@ -55,7 +55,7 @@ def _check_parity(ex, steps, reference):
 
 
 def test_multiproc_tp2_matches_uniproc(tp_checkpoints, steps, reference):
-    from glm4.distributed import MultiprocExecutor
+    from glm4.engine.tp_executor import MultiprocExecutor
 
     ex = MultiprocExecutor(_spec(tp_checkpoints["chatglm"], 2))
     procs = ex.worker_processes
@@ -99,7 +99,7 @@ def test_ray_tp2_matches_uniproc(ray_local, tp_checkpoints, steps, reference):
 @pytest.mark.reliability
 def test_silent_worker_raises_within_the_timeout(tp_checkpoints, steps):
     """A worker that is alive but stops answering (SIGSTOP) fails the step after worker_timeout_s, not never."""
-    from glm4.distributed import MultiprocExecutor
+    from glm4.engine.tp_executor import MultiprocExecutor
 
     timeout = 3.0
     ex = MultiprocExecutor(dataclasses.replace(_spec(tp_checkpoints["chatglm"], 2), worker_timeout_s=timeout))
@@ -121,7 +121,7 @@ def test_silent_worker_raises_within_the_timeout(tp_checkpoints, steps):
 
 def test_startup_failure_raises_and_cleans_up(tmp_path):
     """A rank that cannot load (here: no checkpoint at all) fails start-up with the named error, no hang."""
-    from glm4.distributed import MultiprocExecutor
+    from glm4.engine.tp_executor import MultiprocExecutor
 
     (tmp_path / "config.json").write_text("{}")
     t0 = time.monotonic()
@@ -134,7 +134,7 @@ def test_startup_failure_raises_and_cleans_up(tmp_path):
 _ORPHAN_SCRIPT = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    from glm4.distributed import MultiprocExecutor
+    from glm4.engine.tp_executor import MultiprocExecutor
     from glm4.engine.executor import ExecutorSpec
     if __name__ == "__main__":
         ex = MultiprocExecutor(ExecutorSpec({ckpt!r}, "float32", "cpu", 2, 4, None, 64, worker_timeout_s=10.0,
