@@ -35,6 +35,9 @@ from glm4.kernels import cpu, hugepages  # noqa: E402
 from glm4.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
 from glm4.peak_memory import PeakMemory  # noqa: E402
 from glm4.tools.make_checkpoint import make_checkpoint  # noqa: E402
+from benchtable import print_table  # noqa: E402  (bench/, the script's own folder)
+
+HEAD = ("metric", "baseline", "ours", "ratio", "target")
 
 
 class Bandwidth:
@@ -213,7 +216,7 @@ def main() -> int:
                    help="(c) only: attention working memory of a 2048-token chunk at these context lengths")
     args = p.parse_args()
     if args.long_context is not None:
-        print_table(long_context_memory(args.long_context or [4096, 16384, 32768]))
+        print_table(long_context_memory(args.long_context or [4096, 16384, 32768]), HEAD)
         return 0
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
@@ -240,7 +243,7 @@ def main() -> int:
     rows.append(("(b) batch-1 decode, GB/s of weights", f"{bw / 1e9:.1f} (torch.sum read bandwidth)",
                  f"{achieved / 1e9:.1f} ({steps_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB/step)",
                  f"{achieved / bw:.0%} (rounds {spread})", ">= 70%"))
-    print_table(rows)
+    print_table(rows, HEAD)
     if not args.decode_only:
         print(f"(a) detail: ours {ours_tok} tokens in {ours_dt:.1f}s; HF {hf_tok} tokens in {hf_dt:.1f}s")
     print("(b) rounds (GB/s decode / GB/s torch.sum): "
@@ -250,16 +253,6 @@ def main() -> int:
         for name, value in decode_breakdown(decode_llm, 16 if args.quick else args.decode_steps):
             print(f"| {name} | {value:.2f} |")
     return 0
-
-
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    head = ("metric", "baseline", "ours", "ratio", "target")
-    w = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    print(line(head))
-    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-    for r in rows:
-        print(line(r))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from benchtable import print_table  # noqa: E402  (bench/, the script's own folder)
 
 SYSTEM = ("You are a meticulous assistant for a logistics company. Answer every question in one short sentence, "
           "cite the relevant policy section number, never speculate, and say 'unknown' when the policy does not "
@@ -186,13 +187,7 @@ def main() -> int:
         off, on = hits[groups, False], hits[groups, True]
         rows.append((f"(b) prefix-cache hit, {label}", f"{off:.1%} (placement off)", f"{on:.1%} (prefix-aware)",
                      f"{on - off:+.1%}", "higher"))
-    head = ("metric", "bare LLM / baseline", "Ray pipeline", "ratio", "target")
-    w = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    print(line(head))
-    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-    for r in rows:
-        print(line(r))
+    print_table(rows, ("metric", "bare LLM / baseline", "Ray pipeline", "ratio", "target"))
     print("(a) detail: bare runs " + ", ".join(f"{dt:.1f}s (load {load:.1f}s, hit rate {hit:.1%})"
                                                for dt, load, _, hit in bares)
           + "; pipeline runs " + ", ".join(f"{dt:.1f}s" for dt, _, _ in pipes)

@@ -84,12 +84,14 @@ class _Buffers:
     graph uses their first rows and columns. Every graph's pool memory is then scratch only, so graphs of different
     shapes may replay in any order."""
 
-    def __init__(self, model: torch.nn.Module, rows: int, width: int, block_table_dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, rows: int, width: int, block_table_dtype: torch.dtype,
+                 pad_slot: int) -> None:
         cfg = model.config
         dev = model.transformer.embedding.word_embeddings.weight.device
         self.input_ids = torch.zeros(rows, dtype=torch.long, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.zeros(rows, dtype=torch.long, device=dev)
+        # The spare block's slot until a step fills it: warm-up and capture write no real block.
+        self.slot_mapping = torch.full((rows,), pad_slot, dtype=torch.long, device=dev)
         self.context_lens = torch.ones(rows, dtype=torch.long, device=dev)
         # Only ever holds valid block ids (zeros, then real tables), so columns past a row's table read real blocks,
         # whose keys the context mask then drops.
@@ -107,7 +109,7 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_batch)
         self.widths = context_buckets(max_context, self.block_size)
         self.pad_slot = pad_slot
-        self.buffers = b = _Buffers(model, self.sizes[-1], self.widths[-1], block_table_dtype)
+        self.buffers = _Buffers(model, self.sizes[-1], self.widths[-1], block_table_dtype, pad_slot)
         pool = None if emulate else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
         with torch.inference_mode():

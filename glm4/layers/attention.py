@@ -34,9 +34,9 @@ from glm4.kernels import cpu
 # few kernels (a 16K-token decode bucket of 256 rows is 34 tiles per layer).
 TILE_BUDGET = 1 << 26
 # On CPU the scores of one (query block x key tile) stay cache-sized, so the softmax passes over them (max, exp, sum)
-# run from cache, not from DRAM: 2^20 fp32 = 4 MiB, key tiles of at most 512 tokens.
+# run from cache, not from DRAM: 2^20 fp32 = 4 MiB, key tiles of at most 2048 tokens.
 CPU_SCORE_BLOCK = 1 << 20
-CPU_MAX_TILE_KEYS = 512
+CPU_MAX_TILE_KEYS = 2048
 
 # A masked score: finite, so a query row whose keys in one tile are all masked gets exp(-huge) = 0 weight there, not
 # NaN (every real query sees key 0 in the first tile, so its running max is finite from then on).
@@ -160,7 +160,8 @@ def _tiling(device: torch.device, n: int, lq: int, heads: int, kv_elems: int, wi
     if device.type == "cuda":
         tile = TILE_BUDGET // (n * (lq * heads + 2 * kv_elems) * block_size)
         return max(1, min(width, tile)), lq
-    keys = min(CPU_MAX_TILE_KEYS, max(block_size, CPU_SCORE_BLOCK // (n * heads)))
+    # Keys per tile: as many as leave room for blocks of 64 queries (fewer, larger matmuls than tiny blocks).
+    keys = min(CPU_MAX_TILE_KEYS, max(block_size, CPU_SCORE_BLOCK // (n * heads * min(lq, 64))))
     tile = max(1, min(width, keys // block_size))
     return tile, max(1, min(lq, CPU_SCORE_BLOCK // (n * heads * tile * block_size)))
 
@@ -229,6 +230,14 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grp = h // kvh
     qg = (q[g.rows] * scale).view(n, lq, kvh, grp, d).transpose(1, 2).reshape(n, kvh, lq * grp, d)
     qpos = g.qpos.repeat_interleave(grp, dim=1)[:, None, :, None]  # (n, 1, Lq*G, 1)
+    if g.tile_blocks * bs >= g.max_ctx and g.query_block >= lq:
+        # One tile covers every key (short contexts, most decode steps): one masked SDPA call over strided views of
+        # the tile (its mask is tile-sized, like the scores; query heads folded into the query axis, as SDPA's CPU
+        # kernels are slow when GQA and a mask are combined).
+        k_t, v_t = (cache[g.block_tables].view(n, -1, kvh, d).transpose(1, 2) for cache in (k_cache, v_cache))
+        mask = torch.arange(k_t.shape[2], device=q.device) <= qpos
+        out = F.scaled_dot_product_attention(qg, k_t, v_t, attn_mask=mask, scale=1.0)
+        return out.view(n, kvh, lq, grp, d).transpose(1, 2).reshape(n, lq, h, d)
     m = torch.full((n, kvh, lq * grp, 1), _MASKED, device=q.device)  # running max, sum, weighted values (fp32)
     s = torch.zeros((n, kvh, lq * grp, 1), device=q.device)
     acc = torch.zeros((n, kvh, lq * grp, d), device=q.device)
