@@ -455,3 +455,20 @@ def test_vocab_padding_rows_are_never_sampled():
     logits[:, V - 1] = 50.0
     out = Sampler(vocab_size=V - 4)(logits, [seq(temperature=0), seq(top_p=0.5)]).token_ids
     assert all(t < V - 4 for t in out)
+
+
+@pytest.mark.parametrize("vocab", [151343, 1024, 40, 33])  # the real vocabulary (a tail past the chunks), exact
+def test_cpu_argmax_without_kernels_equals_torch(monkeypatch, vocab):
+    """The chunked greedy argmax (CPUs without our kernel) gives torch's ids: first index on ties, NaN counted as
+    the maximum, all -inf rows, a maximum in the tail past the last whole chunk."""
+    from glm4.engine import sampler as sampler_module
+    from glm4.kernels import cpu
+
+    monkeypatch.setattr(cpu, "ready", lambda: False)
+    g = torch.Generator().manual_seed(vocab)
+    for x in (torch.randn(19, vocab, generator=g), torch.randint(0, 3, (19, vocab), generator=g).float()):
+        x[3, -1] = float("nan")
+        x[5, 7] = x[5, -2] = float("nan")
+        x[9, :] = float("-inf")
+        x[11, -1] = 1e9  # the tail's maximum wins
+        assert torch.equal(sampler_module._argmax(x), x.argmax(dim=-1))
