@@ -111,7 +111,9 @@ class ModelRunner:
             peak = profile_step_memory(self.model, dtype=self.dtype, device=self.device,
                                        num_tokens=max_num_batched_tokens, num_logits=num_logits,
                                        block_size=block_size)
-            reserve = step_reserve_bytes(peak, num_logits, self.config.vocab_size) + tile_working_bytes(self.device)
+            attn = self.model.transformer.encoder.layers[0].self_attention
+            reserve = step_reserve_bytes(peak, num_logits, self.config.vocab_size) + tile_working_bytes(
+                self.device, attn.num_heads, attn.num_kv_heads * attn.head_dim)
         free = available_memory_bytes(self.device)  # measured after the profile run gave its memory back
         budget = kv_cache_budget(kv_cache_memory, free, self.device, reserve)
         per_block = self.kv_bytes_per_block(block_size)

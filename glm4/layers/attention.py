@@ -195,11 +195,16 @@ class DecodeMetadata:
         return self._group[key]
 
 
-def tile_working_bytes(device: torch.device) -> int:
-    """An upper bound on what one tiled attention call holds beyond its inputs and outputs: the fp32 scores, their
-    copy in the value dtype, the K/V tile and the running statistics (the profile run that sizes the KV cache sees
-    only fresh prompts, so this is reserved on top of what it measures)."""
-    return (TILE_BUDGET if device.type == "cuda" else CPU_SCORE_BLOCK + 2 * CPU_MAX_TILE_KEYS * 1024) * 8
+def tile_working_bytes(device: torch.device, heads: int, kv_elems: int) -> int:
+    """An upper bound on what one tiled attention call holds beyond its inputs and outputs, for `heads` query heads
+    and K/V rows of `kv_elems` elements (the profile run that sizes the KV cache sees only fresh prompts, so this
+    is reserved on top of what it measures). CUDA: TILE_BUDGET elements of scores + K/V in fp32, and as much again
+    for the scores' copy in the value dtype and the exp. CPU: one score block (fp32, plus its bool mask), and a K/V
+    tile of at most max(CPU_SCORE_BLOCK / heads, CPU_MAX_TILE_KEYS) keys (`_tiling`), twice, in fp32."""
+    if device.type == "cuda":
+        return TILE_BUDGET * 4 * 2
+    keys = max(CPU_SCORE_BLOCK // heads, CPU_MAX_TILE_KEYS)
+    return CPU_SCORE_BLOCK * 5 + 2 * keys * kv_elems * 4
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

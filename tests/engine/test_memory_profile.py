@@ -73,7 +73,9 @@ def test_fraction_budget_shrinks_by_the_profiled_reserve(runner, monkeypatch):
     n = runner.num_blocks_for_budget(0.5, BLOCK, 10**9, **opts)
     assert len(peaks) == 1 and peaks[0] > 0
     # the profiled step, plus what a tiled attention call may hold (the profile runs fresh prompts only)
-    reserve = step_reserve_bytes(peaks[0], 32, runner.config.vocab_size) + tile_working_bytes(runner.device)
+    attn = runner.model.transformer.encoder.layers[0].self_attention
+    reserve = step_reserve_bytes(peaks[0], 32, runner.config.vocab_size) + tile_working_bytes(
+        runner.device, attn.num_heads, attn.num_kv_heads * attn.head_dim)
     assert n == (free // 2 - reserve) // per_block < free // 2 // per_block
 
     # bytes are what the caller asked for, and the CPU default leaves 80% of RAM free: no profile run
