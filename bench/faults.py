@@ -172,7 +172,7 @@ def config(env: Env, tmp: Path, **kw):
     from pipeline.config import BatchJobConfig
 
     base = {**SLOW, "prompt_column": "prompt", "id_column": "pid", "model": str(env.model),
-            "model_cache_dir": str(tmp / "cache"), "engine": {"device": "cpu"}, "sampling": {"max_tokens": 12},
+            "model_cache_dir": str(tmp / "cache"), "device": "cpu", "sampling": {"max_tokens": 12},
             "ray_address": env.gcs}
     base.update(kw)
     return BatchJobConfig(**base)
@@ -255,7 +255,7 @@ def sigkill_resume(env: Env, n: int, seed: int) -> Row:
     argv = [sys.executable, "-m", "jobs.batch", "--model", str(env.model), "--input", str(tmp / "in.parquet"),
             "--output", str(out), "--prompt-column", "prompt", "--id-column", "pid", "--max-tokens", str(KILL_TOKENS),
             "--num-replicas", "1", "--replica-num-cpus", "0.5", "--batch-size", "2", "--batches-in-flight", "1",
-            "--rows-per-file", "2", "--read-rows-per-task", "4", "--no-prefix-aware", "--set", "engine.device=cpu",
+            "--rows-per-file", "2", "--read-rows-per-task", "4", "--no-prefix-aware", "--device", "cpu",
             "--model-cache-dir", str(tmp / "cache"), "--ray-address", env.gcs, "--summary-json"]
     t0 = time.time()
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -326,7 +326,7 @@ def tp_worker_killed(env: Env, n: int) -> Row:
     tmp = Path(tempfile.mkdtemp(prefix="tp-", dir=env.work))
     helpers.write_prompts(tmp / "in.parquet", prompts(n))
     cfg = config(env, tmp, input=str(tmp / "in.parquet"), output=str(tmp / "out"), tensor_parallel_size=2,
-                 use_gpu=False, sampling={"max_tokens": KILL_TOKENS}, engine={"device": "cpu", "extra": {
+                 sampling={"max_tokens": KILL_TOKENS}, engine={"device": "cpu", "extra": {
                      "executor": "pipeline.tp_ray:RayExecutor", "worker_timeout_s": 20}})
     data = tmp / "out" / "data"
     t0 = time.time()

@@ -87,7 +87,7 @@ def run_pipeline(model_dir: Path, inp: Path, out: Path, max_tokens: int, **kw):
 
     cfg = BatchJobConfig(input=str(inp), output=str(out), model=str(model_dir), prompt_column="prompt",
                          sampling={"max_tokens": max_tokens, "ignore_eos": True}, overwrite=True,
-                         progress_interval_s=30, model_cache_dir=str(out.parent / "cache"), **kw)
+                         progress_interval_s=30, model_cache_dir=str(out.parent / "cache"), device="cpu", **kw)
     t0 = time.perf_counter()
     summary = run_batch(cfg, progress=None)
     dt = time.perf_counter() - t0

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BatchJobConfig(input=str(prompts.parent), output=str(root / "results"), messages_column="messages",
                             id_column="id", model=str(model), num_replicas=2, replica_num_cpus=0.5,
                             sampling={"temperature": 0.0, "max_tokens": args.max_tokens},
-                            max_error_fraction=0.1)
+                            max_error_fraction=0.1, device="cpu")
     summary = run_batch(config)
     print(json.dumps({k: summary[k] for k in summary if k not in ("config",)}, indent=2, default=str))
     return int(summary["exit_code"])

@@ -1,6 +1,8 @@
 """Kubernetes renderings of job specs and schedules (KubeRay v1.7 CRDs), and the in-cluster RayJob launcher.
 
 * `rayjob_from_spec`: a `JobSpec` as a `RayJob` (cluster spec taken from a template, e.g. infra/rayjob-batch.yaml).
+  Every renderer refuses a `device: cuda` job whose replicas the template's GPU worker groups cannot hold
+  (`check_cluster_fits_job`).
 * `render_raycronjob`: a schedule as a KubeRay `RayCronJob` (KubeRay >= 1.7, alpha: the operator needs the feature
   gate `RayCronJob=true`, Helm `featureGates: [{name: RayCronJob, enabled: true}]`). Each tick's RayJob runs
   `python -m jobs.cli run-scheduled`, which finds its tick from its own name (see jobs/schedule.py).
@@ -65,12 +67,37 @@ def _template_spec(template: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _pod_gpus(pod_template: dict[str, Any]) -> int:
+    containers = (pod_template.get("spec") or {}).get("containers") or []
+    return sum(int(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0)) for c in containers)
+
+
+def check_cluster_fits_job(job: dict[str, Any], template: dict[str, Any]) -> None:
+    """A `device: cuda` job (the default) must be placeable on the template's cluster: some worker group's pods hold
+    `tensor_parallel_size` GPUs (a replica's ranks share one pod, STRICT_PACK), and the groups' maxReplicas give at
+    least `num_replicas` such replicas (the job waits for that many before reading a row). Otherwise the RayJob
+    would sit with pending actors until its deadline. Templates selecting an existing cluster are not checked."""
+    cluster = template.get("spec", {}).get("rayClusterSpec")
+    if not cluster or job.get("device", "cuda") != "cuda":
+        return
+    tp, replicas = int(job.get("tensor_parallel_size", 1)), int(job.get("num_replicas", 1))
+    groups = [(g.get("groupName", "?"), _pod_gpus(g.get("template") or {}),
+               int(g.get("maxReplicas", 2**31 - 1)) * int(g.get("numOfHosts", 1)))
+              for g in cluster.get("workerGroupSpecs") or []]
+    capacity = sum((gpus // tp) * pods for _, gpus, pods in groups)
+    if capacity < replicas:
+        have = ", ".join(f"{n}: {pods} pods x {gpus} nvidia.com/gpu" for n, gpus, pods in groups) or "no worker groups"
+        raise ValueError(f"the job asks for {replicas} GPU replicas of tensor_parallel_size {tp} (device: cuda), but "
+                         f"the RayJob template's cluster holds at most {capacity} ({have})")
+
+
 def _labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "glm4-batch", "app.kubernetes.io/part-of": "glm4", "glm4/job-name": name}
 
 
 def rayjob_from_spec(spec: JobSpec, template: dict[str, Any]) -> dict[str, Any]:
     """RayJob named after (and with jobId =) the spec's submission id."""
+    check_cluster_fits_job(spec.job, template)
     sid = spec.effective_submission_id
     name = re.sub(r"[^a-z0-9-]", "-", sid.lower())
     if len(name) > RAYJOB_NAME_MAX or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
@@ -83,6 +110,7 @@ def rayjob_from_spec(spec: JobSpec, template: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_raycronjob(schedule: Schedule, template: dict[str, Any]) -> dict[str, Any]:
+    check_cluster_fits_job(schedule.job, template)
     rest = _template_spec(template)
     if "deletionStrategy" not in rest and not rest.get("shutdownAfterJobFinishes"):
         raise ValueError("the RayJob template needs a deletionStrategy: RayCronJob keeps every child otherwise")
@@ -113,6 +141,7 @@ def _head_image(template: dict[str, Any]) -> str:
 
 def render_cronjob_bundle(schedule: Schedule, template: dict[str, Any]) -> list[dict[str, Any]]:
     """ServiceAccount, Role, RoleBinding, ConfigMap and the CronJob that launches one RayJob per tick."""
+    check_cluster_fits_job(schedule.job, template)
     n, labels = f"{schedule.name}-launcher", _labels(schedule.name)
     meta = {"name": n, "labels": labels}
     launcher = {

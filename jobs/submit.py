@@ -111,7 +111,7 @@ def validate_job_config(job: Mapping[str, Any]) -> Any | None:
             raise
         logger.debug("pipeline.config not importable yet; job config accepted unvalidated")
         return None
-    return BatchJobConfig.model_validate(dict(job))
+    return BatchJobConfig.model_validate(job)
 
 
 def sanitize_name(name: str) -> str:

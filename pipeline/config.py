@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -148,9 +148,11 @@ class EngineOptions(_Strict):
     """Options passed to `glm4.LLM(model_dir, **options)` inside each replica."""
 
     dtype: str | None = Field(
-        default=None, description="Weight/activation dtype (e.g. bfloat16, float32); default: the checkpoint's."
+        default=None, description="Weight/activation dtype (e.g. bfloat16, float32); default: bfloat16 when the "
+        "job's device is cuda, else the checkpoint's."
     )
-    device: str | None = Field(default=None, description="Device; default: cuda when the replica has a GPU, else cpu.")
+    device: str | None = Field(default=None, description="torch device override; default: the job's `device` "
+                               "(tests use it to run on CPU while the replica still reserves logical GPUs).")
     max_num_seqs: int = Field(default=256, ge=1, description="Maximum sequences the engine runs at once.")
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="Token budget of one engine step.")
     max_model_len: int | None = Field(
@@ -166,9 +168,12 @@ class EngineOptions(_Strict):
         default_factory=dict, description="Further `glm4.LLM` keyword arguments, passed through unchanged."
     )
 
-    def llm_kwargs(self, tensor_parallel_size: int) -> dict[str, Any]:
+    def llm_kwargs(self, tensor_parallel_size: int, job_device: str) -> dict[str, Any]:
         kw = self.model_dump(exclude={"extra"}, exclude_none=True)
         kw["tensor_parallel_size"] = tensor_parallel_size
+        kw.setdefault("device", job_device)
+        if job_device == "cuda":
+            kw.setdefault("dtype", "bfloat16")
         kw.update(self.extra)
         return kw
 
@@ -217,16 +222,30 @@ class BatchJobConfig(_Strict):
         "weights are accepted."
     )
     model_cache_dir: str = Field(
-        default_factory=lambda: os.environ.get("GLM4_MODEL_CACHE", str(Path.home() / ".cache" / "glm4-ray" / "models")),
+        default_factory=lambda: default_model_cache_dir(),
         description="Node-local directory for downloaded models. Default: $GLM4_MODEL_CACHE or "
         "~/.cache/glm4-ray/models.",
     )
     engine: EngineOptions = Field(default_factory=EngineOptions, description="Engine options of each replica.")
+    device: Literal["cuda", "cpu"] = Field(
+        default="cuda",
+        description="Where replicas run, and so what they request from Ray: 'cuda' reserves tensor_parallel_size "
+        "GPUs per replica (and defaults engine.dtype to bfloat16); 'cpu' reserves none. Never inferred from the "
+        "cluster: an autoscaling cluster has no GPU until a replica asks for one.",
+    )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="GPUs (or CPU ranks) per replica; a replica reserves this many GPUs."
     )
     # --- fleet --------------------------------------------------------------------------------------------------
-    num_replicas: int = Field(default=1, ge=1, description="Number of engine replicas (actors), each one glm4.LLM.")
+    num_replicas: int = Field(
+        default=1, ge=1, description="Engine replicas (actors, each one glm4.LLM) the job starts with and keeps "
+        "at least; the job waits for their resources (see resource_timeout_s) before any row is read.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Autoscaling: Ray Data grows the replica pool up to this many while there "
+        "is work queued and the cluster (or its autoscaler) has room; default: num_replicas (a fixed pool).")
+    resource_timeout_s: float = Field(
+        default=900.0, gt=0, description="How long to wait for the first num_replicas replicas' resources (GPU "
+        "nodes joining an autoscaling cluster take minutes). Past it the job fails naming what it waited for.")
     replica_num_cpus: float = Field(
         default=1.0,
         gt=0,
@@ -239,9 +258,6 @@ class BatchJobConfig(_Strict):
         description="Bytes of memory reserved per replica for Ray's scheduling (weights + KV cache + activations); "
         "default: none reserved. Set it on shared clusters so replicas do not land on nodes that cannot hold them.",
     )
-    use_gpu: bool | None = Field(
-        default=None, description="Give each replica tensor_parallel_size GPUs; default: when the cluster has GPUs."
-    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads per replica (CPU); default: Ray's choice (the "
         "replica's CPUs, at least 1). On CPU, one single-threaded replica per core is the fastest layout (see "
@@ -252,11 +268,12 @@ class BatchJobConfig(_Strict):
         ge=1,
         description="Rows per engine call. Small batches keep replicas busy and limit redone work after a crash.",
     )
-    batches_in_flight: int = Field(
-        default=4,
+    batches_in_flight: int | None = Field(
+        default=None,
         ge=1,
-        description="Batches each replica works on at once. Their rows share the engine, so one long row never "
-        "leaves a replica idle.",
+        description="Batches each replica works on at once. Their rows share the engine (continuous batching), so "
+        "a batch waiting for its slowest row holds one sequence slot, not the replica. Default: enough batches for "
+        "2 x engine.max_num_seqs rows, so the engine always has a full queue.",
     )
     preprocess_num_cpus: float = Field(
         default=0.5, gt=0, description="CPUs per tokenize task (the validate/tokenize stage)."
@@ -276,11 +293,17 @@ class BatchJobConfig(_Strict):
     # --- placement ----------------------------------------------------------------------------------------------
     prefix_aware: bool = Field(
         default=True,
-        description="Order rows by their first prefix_tokens token ids before batching, so rows sharing a prompt "
-        "prefix (system prompt, few-shot block) go to the same replica together and hit its prefix cache.",
+        description="Order rows by their leading token ids within a streaming window of prefix_window_rows rows "
+        "before batching, so rows sharing a prompt prefix (system prompt, few-shot block) travel in the same "
+        "batches to the same replica and hit its prefix cache. No global sort: results are written while input is "
+        "still being read, and every block stays at batch_size rows whatever the prefix distribution.",
     )
     prefix_tokens: int = Field(
         default=64, ge=1, description="How many leading tokens define a row's prefix for prefix-aware ordering."
+    )
+    prefix_window_rows: int = Field(
+        default=16384, ge=1, description="Rows ordered together by prefix-aware placement (a window holds their "
+        "token ids in one task's memory; larger windows group rare prefixes better)."
     )
     # --- reliability --------------------------------------------------------------------------------------------
     max_engine_restarts: int = Field(
@@ -332,6 +355,8 @@ class BatchJobConfig(_Strict):
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.max_model_len "
                 f"({self.engine.max_model_len})"
             )
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least num_replicas ({self.num_replicas})")
         internal = [c for c in self.carry_columns or [] if c.startswith("__")]
         if internal:
             raise ValueError(f"carry_columns may not start with '__' (reserved): {internal}")
@@ -345,6 +370,18 @@ class BatchJobConfig(_Strict):
     @property
     def resolved_checkpoint_uri(self) -> str:
         return self.checkpoint_uri or join_uri(self.output, "_checkpoint")
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) replicas of the autoscaling pool."""
+        return self.num_replicas, self.max_replicas or self.num_replicas
+
+    @property
+    def rows_in_flight_batches(self) -> int:
+        """Batches in flight per replica: explicit, or enough for twice the engine's sequence slots."""
+        if self.batches_in_flight is not None:
+            return self.batches_in_flight
+        return max(2, -(-2 * self.engine.max_num_seqs // self.batch_size))
 
     @property
     def output_id_column(self) -> str:
@@ -374,6 +411,12 @@ class BatchJobConfig(_Strict):
 
 
 DERIVED_ID_COLUMN = "id"
+
+
+def default_model_cache_dir() -> str:
+    """The node-local model cache used by batch jobs and the Serve app alike: $GLM4_MODEL_CACHE, else
+    ~/.cache/glm4-ray/models."""
+    return os.environ.get("GLM4_MODEL_CACHE") or str(Path.home() / ".cache" / "glm4-ray" / "models")
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -421,13 +464,16 @@ CLI_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--top-k", "sampling.top_k", int, "top-k (-1 = off)"),
     ("--seed", "sampling.seed", int, "sampling seed"),
     ("--stop", "sampling.stop", "list", "stop string (repeatable)"),
+    ("--device", "device", str, "cuda (request GPUs) or cpu"),
     ("--tensor-parallel-size", "tensor_parallel_size", int, "GPUs per replica"),
-    ("--num-replicas", "num_replicas", int, "number of engine replicas"),
+    ("--num-replicas", "num_replicas", int, "engine replicas to start with (the minimum)"),
+    ("--max-replicas", "max_replicas", int, "autoscale the replica pool up to this many"),
+    ("--resource-timeout", "resource_timeout_s", float, "seconds to wait for replica resources"),
     ("--replica-num-cpus", "replica_num_cpus", float, "CPUs reserved per replica (fractions allowed)"),
     ("--batch-size", "batch_size", int, "rows per engine call"),
     ("--batches-in-flight", "batches_in_flight", int, "batches each replica works on at once"),
     ("--dtype", "engine.dtype", str, "engine dtype"),
-    ("--device", "engine.device", str, "engine device"),
+    ("--engine-device", "engine.device", str, "torch device override (default: follows --device)"),
     ("--max-model-len", "engine.max_model_len", int, "context length"),
     ("--max-num-seqs", "engine.max_num_seqs", int, "engine: max concurrent sequences"),
     ("--max-error-fraction", "max_error_fraction", float, "largest tolerated fraction of error rows"),

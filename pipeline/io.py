@@ -152,10 +152,26 @@ class InputListing:
     fs: fsspec.AbstractFileSystem
     files: tuple[InputFile, ...]
     schema: pa.Schema
+    format: str = "parquet"  # "parquet" | "jsonl" (OpenAI Batch request files; row counts unknown until read)
 
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
+
+
+JSONL_SUFFIXES = (".jsonl",)
+# Threads for metadata reads (footers, sizes, small files): latency-bound, so many more than cores.
+IO_THREADS = 32
+
+
+def _parallel(fn, items: list) -> list:
+    """`[fn(x) for x in items]` on a thread pool (object-store round trips overlap; order kept)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(IO_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputListing:
@@ -173,7 +189,8 @@ def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputLi
             paths = sorted(
                 p
                 for p in fs.find(path)
-                if p.endswith(".parquet") and not p.endswith("/") and not _hidden(posixpath.relpath(p, path))
+                if p.endswith((".parquet",) + JSONL_SUFFIXES) and not p.endswith("/")
+                and not _hidden(posixpath.relpath(p, path))
             )
             root = path
         elif fs.isfile(path):
@@ -181,15 +198,25 @@ def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputLi
         else:
             raise InputError(f"input not found: {uri}")
         if not paths:
-            raise InputError(f"no Parquet files in input {uri}")
-        files, schema = [], None
-        for p in paths:
+            raise InputError(f"no Parquet (or OpenAI Batch .jsonl) files in input {uri}")
+        if all(p.endswith(JSONL_SUFFIXES) for p in paths):
+            sizes = _parallel(lambda p: int(fs.size(p) or 0), paths)
+            files = [InputFile(p, posixpath.relpath(p, root), -1, (), n) for p, n in zip(paths, sizes)]
+            return InputListing(uri, fs, tuple(files), pa.schema([]), format="jsonl")
+        if any(p.endswith(JSONL_SUFFIXES) for p in paths):
+            raise InputError(f"input {uri} mixes .jsonl and Parquet files; use one format per job")
+
+        def footer(p: str):
             with fs.open(p, "rb") as f:
                 try:
                     md = pq.ParquetFile(f).metadata
                 except pa.ArrowInvalid as e:  # not Parquet at all (bad magic, truncated footer)
                     raise InputError(f"input file {p} is not a readable Parquet file: {e}") from e
-                file_schema = md.schema.to_arrow_schema()
+            return md, int(fs.size(p) or 0)
+
+        files, schema = [], None
+        for p, (md, size) in zip(paths, _parallel(footer, paths)):  # footers read in parallel, checked in order
+            file_schema = md.schema.to_arrow_schema()
             if schema is None:
                 schema = file_schema
             elif not file_schema.equals(schema, check_metadata=False):
@@ -197,7 +224,7 @@ def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputLi
                 if missing:
                     raise InputError(f"input files disagree on columns {sorted(missing)}: {p}")
             rg = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-            files.append(InputFile(p, posixpath.relpath(p, root), md.num_rows, rg, int(fs.size(p) or 0)))
+            files.append(InputFile(p, posixpath.relpath(p, root), md.num_rows, rg, size))
     return InputListing(uri, fs, tuple(files), schema)
 
 
@@ -450,25 +477,14 @@ def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def read_parquet_columns(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> pa.Table:
-    """Read a few columns of many Parquet files on the driver (manifest statistics)."""
-    tables = []
-    for p in paths:
-        with storage_errors(f"reading columns {columns} of {p}"):
-            with fs.open(p, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
-    if not tables:
-        return pa.table({c: pa.array([], pa.null()) for c in columns})
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
 def count_parquet_rows(fs: fsspec.AbstractFileSystem, paths: list[str]) -> int:
-    n = 0
+    """Rows of many Parquet files from their footers, read in parallel."""
+    def one(p: str) -> int:
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
     with storage_errors("counting rows"):
-        for p in paths:
-            with fs.open(p, "rb") as f:
-                n += pq.ParquetFile(f).metadata.num_rows
-    return n
+        return sum(_parallel(one, paths))
 
 
 __all__ = [

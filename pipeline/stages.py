@@ -3,7 +3,8 @@
 Rows travel as Arrow tables. Internal columns start with `__` and are dropped before the write:
 
     after preprocess   __token_ids list<int32> (null if not tokenized)  __params string (JSON sampling params)
-                       __error string (null unless the row is bad)  __prefix_key string (prefix-aware ordering)
+                       __error string (null unless the row is bad)
+    prefix order       (optional) rows of a bounded window reordered by their leading token ids
     after the engine   generated_text, finish_reason, num_prompt_tokens, num_generated_tokens,
                        num_cached_tokens (prompt tokens served by the prefix cache), error
 
@@ -28,13 +29,15 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import StorageOptions
+from pipeline.progress import count_error_kinds
+
+STATS_INTERVAL_S = 2.0
 
 logger = logging.getLogger(__name__)
 
 TOKEN_IDS = "__token_ids"
 PARAMS = "__params"
 ERROR_IN = "__error"
-PREFIX_KEY = "__prefix_key"
 OUTPUT_COLUMNS = (
     "generated_text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "num_cached_tokens", "error",
 )
@@ -46,10 +49,6 @@ OUTPUT_TYPES = {
     "num_cached_tokens": pa.int32(),
     "error": pa.string(),
 }
-# A token id as fixed-width hex, so that string order of the key is the lexicographic order of the token ids:
-# rows sharing any leading run of tokens end up next to each other after a sort (trie order).
-_HEX_WIDTH = 5
-_HEX_MAX = 16**_HEX_WIDTH - 1
 
 
 # --- preprocess: validate + tokenize --------------------------------------------------------------------------------
@@ -63,7 +62,6 @@ class PreprocessSpec:
     sampling_params_column: str | None
     default_params: dict[str, Any]
     max_model_len: int | None
-    prefix_tokens: int
 
 
 _TOKENIZERS: dict[tuple, tuple[Any, int | None]] = {}
@@ -93,7 +91,7 @@ def preprocess_batch(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
     overrides = (
         batch[spec.sampling_params_column].to_pylist() if spec.sampling_params_column else [None] * batch.num_rows
     )
-    token_ids, params, errors, keys = [], [], [], []
+    token_ids, params, errors = [], [], []
     for value, override in zip(source, overrides):
         ids = None
         try:
@@ -107,17 +105,14 @@ def preprocess_batch(batch: pa.Table, spec: PreprocessSpec) -> pa.Table:
             token_ids.append(ids)
             params.append(json.dumps(p, sort_keys=True))
             errors.append(None)
-            keys.append(prefix_key(ids, spec.prefix_tokens))
         except RowError as e:
             token_ids.append(ids)  # kept for error rows that were tokenized (num_prompt_tokens)
             params.append(None)
             errors.append(str(e))
-            keys.append("")
     return (
         batch.append_column(TOKEN_IDS, pa.array(token_ids, pa.list_(pa.int32())))
         .append_column(PARAMS, pa.array(params, pa.string()))
         .append_column(ERROR_IN, pa.array(errors, pa.string()))
-        .append_column(PREFIX_KEY, pa.array(keys, pa.string()))
     )
 
 
@@ -152,7 +147,11 @@ def _tokenize(tok, value: Any, *, is_chat: bool) -> list[int]:
 
 
 def _row_params(defaults: dict[str, Any], override: Any) -> dict[str, Any]:
-    from glm4 import SamplingParams
+    """The job's default SamplingParams kwargs updated with a row's override (a dict, JSON text or struct; nulls
+    mean "use the default"). The override may use OpenAI request names as well as SamplingParams' (mapped by
+    `pipeline.requests.sampling_kwargs_from_openai`, the mapping the Serve endpoint uses): `max_completion_tokens`,
+    `stop` as a string, chat's `logprobs: true` + `top_logprobs`; `logit_bias` only empty; `stream: true` refused."""
+    from pipeline.requests import FieldError, sampling_kwargs_from_openai, validate_sampling_kwargs
 
     p = dict(defaults)
     if override is not None:
@@ -163,20 +162,34 @@ def _row_params(defaults: dict[str, Any], override: Any) -> dict[str, Any]:
                 raise RowError(f"invalid sampling params: not valid JSON ({e})") from None
         if not isinstance(override, dict):
             raise RowError(f"invalid sampling params: expected an object, got {type(override).__name__}")
-        p.update({k: v for k, v in override.items() if v is not None})
+        try:
+            p.update(sampling_kwargs_from_openai(override))
+        except FieldError as e:
+            raise RowError(f"invalid sampling params: {e}") from None
     if p.get("n", 1) != 1:
         raise RowError("invalid sampling params: n must be 1 in batch jobs (one generated_text per row)")
     try:
-        SamplingParams(**p).validate()
-    except TypeError as e:
-        raise RowError(f"invalid sampling params: {e}") from None
-    except ValueError as e:
+        validate_sampling_kwargs(p)
+    except FieldError as e:
         raise RowError(f"invalid sampling params: {e}") from None
     return p
 
 
-def prefix_key(ids: list[int], k: int) -> str:
-    return "".join(f"{min(t, _HEX_MAX):05x}" for t in ids[:k])
+# --- prefix-aware order -----------------------------------------------------------------------------------------------
+def prefix_order(batch: pa.Table, prefix_tokens: int) -> pa.Table:
+    """The rows of one window in trie order of their first `prefix_tokens` token ids.
+
+    Rows sharing any leading run of tokens become neighbours, so they travel in the same engine batches and the
+    replica's prefix cache computes the shared part once. Runs on a bounded window (Ray Data hands this stage
+    `prefix_window_rows` rows at a time): no global sort, no barrier, and no block larger than the window however
+    skewed the prefixes are. Stable, so equal prefixes keep their input order; untokenized (error) rows go last.
+    """
+    if batch.num_rows < 2:
+        return batch
+    ids = batch[TOKEN_IDS].to_pylist()
+    missing = (1 << 31,)  # sorts after every real token id
+    order = sorted(range(len(ids)), key=lambda i: tuple(ids[i][:prefix_tokens]) if ids[i] is not None else missing)
+    return batch.take(pa.array(order, pa.int64()))
 
 
 # --- engine replicas ------------------------------------------------------------------------------------------------
@@ -230,13 +243,17 @@ class EngineReplica:
     """
 
     def __init__(self, spec: EngineSpec):
-        from pipeline.io import resolve_model_dir
+        from pipeline.io import is_s3, resolve_model_dir
 
+        self.tracker = spec.tracker
+        self.replica_id = f"{os.uname().nodename}:{os.getpid()}"
         if spec.torch_threads:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
+        self._phase("model download" if is_s3(spec.model) else "model check")
         model_dir = resolve_model_dir(spec.model, spec.storage, spec.model_cache_dir)
+        self._phase("engine start (weights, KV cache, kernels)")
         import glm4
 
         t0 = time.perf_counter()
@@ -246,9 +263,26 @@ class EngineReplica:
 
         self._engine_dead = EngineDeadError
         self.max_engine_restarts = spec.max_engine_restarts
-        self.tracker = spec.tracker
-        self.replica_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.max_num_seqs = int(spec.llm_kwargs.get("max_num_seqs", 256))
+        self._reporter: asyncio.Task | None = None
+        self._placement = _placement_info()
+        self._phase("ready")
         logger.info("replica %s loaded %s in %.1fs", self.replica_id, spec.model, time.perf_counter() - t0)
+
+    def _phase(self, name: str) -> None:
+        if self.tracker is not None:
+            self.tracker.replica_phase.remote(self.replica_id, name)
+
+    def _report_stats(self) -> None:
+        if self.tracker is not None:
+            stats = {**_scalar_stats(self.engine.stats()), **self._placement, "max_num_seqs": self.max_num_seqs}
+            self.tracker.replica_stats.remote(self.replica_id, stats)
+
+    async def _report_loop(self) -> None:
+        """Engine occupancy every few seconds while the replica lives (batches finish too rarely to sample it)."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self._report_stats()
 
     async def _generate(self, prompt: list[int], params: Any) -> RowResult:
         final = None
@@ -257,6 +291,8 @@ class EngineReplica:
         return to_row_result(final)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._reporter is None and self.tracker is not None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
         n = batch.num_rows
         errors = batch[ERROR_IN].to_pylist()
         prompts = batch[TOKEN_IDS].to_pylist()
@@ -287,9 +323,9 @@ class EngineReplica:
                 sum(r.error is not None for r in results),
                 sum(r.num_prompt_tokens or 0 for r in results),
                 sum(r.num_generated_tokens for r in results),
-                _error_kinds([r.error for r in results]),
+                count_error_kinds(r.error for r in results),
             )
-            self.tracker.replica_stats.remote(self.replica_id, _scalar_stats(self.engine.stats()))
+            self._report_stats()
         return add_result_columns(batch, results)
 
     async def _replace_dead_engine(self, error: BaseException) -> None:
@@ -317,6 +353,19 @@ class EngineReplica:
                 engine.shutdown(timeout=5.0)
             except Exception:  # interpreter shutdown: nothing left to clean up
                 pass
+
+
+def _placement_info() -> dict[str, Any]:
+    """Where this replica runs and what Ray gave it (reported with its stats, kept in the manifest)."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        pg = ctx.get_placement_group_id()
+        return {"node_id": ctx.get_node_id(), "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+                "placement_group": pg or ""}
+    except Exception:  # not in a Ray worker (unit tests call the class directly)
+        return {}
 
 
 def _scalar_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -348,17 +397,3 @@ def postprocess_batch(batch: pa.Table, spec: PostprocessSpec) -> pa.Table:
     """The output schema: id, carried input columns, result columns (internal `__` columns dropped)."""
     keep = [spec.id_column] + [c for c in spec.carry_columns if c != spec.id_column] + list(OUTPUT_COLUMNS)
     return batch.select(keep)
-
-
-def _error_kinds(errors: list[str | None]) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for e in errors:
-        if e is not None:
-            k = error_kind(e)
-            kinds[k] = kinds.get(k, 0) + 1
-    return kinds
-
-
-def error_kind(message: str) -> str:
-    """'prompt too long: 9000 tokens ...' -> 'prompt too long'."""
-    return message.split(":", 1)[0].strip()

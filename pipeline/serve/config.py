@@ -8,7 +8,6 @@ line (Serve's ``BackpressureConfig``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,11 +102,10 @@ class ServeArgs(BaseModel):
 
     def local_model_dir(self) -> Path:
         """The checkpoint as a local directory (downloading an s3:// model into the node cache first)."""
-        from pipeline.config import StorageOptions
+        from pipeline.config import StorageOptions, default_model_cache_dir
         from pipeline.io import resolve_model_dir
 
-        cache = self.model_cache_dir or os.environ.get("GLM4_MODEL_CACHE") or str(
-            Path.home() / ".cache" / "glm4-ray" / "models")
+        cache = self.model_cache_dir or default_model_cache_dir()
         storage = StorageOptions.model_validate(self.storage) if self.storage else None
         return resolve_model_dir(self.model, storage, cache)
 

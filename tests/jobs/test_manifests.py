@@ -11,6 +11,9 @@
 * Cluster launcher: Ray's own ray-schema.json, made strict the same way.
 * Entry points: every `python -m X` in the Dockerfile and manifests names a module that exists, and every
   `jobs.cli` command line parses.
+* GPU fleet (issue 15): every GPU worker group requests nvidia.com/gpu; every batch job config we ship says
+  `device: cuda` and fits its cluster; the model cache is writable for Ray's uid; the Serve API key comes from a
+  Secret; the Dockerfile installs dependencies before it copies the code.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import yaml
 from pydantic import BaseModel
 
 from jobs import cli
-from jobs.kube import load_rayjob_template, rayjob_from_spec, render_schedule_files
+from jobs.kube import check_cluster_fits_job, load_rayjob_template, rayjob_from_spec, render_schedule_files
 from jobs.schedule import SCHEDULE_ENV_VAR, Schedule, load_schedules
 from jobs.submit import CONFIG_ENV_VAR, JobSpec
 
@@ -44,6 +47,9 @@ RAY_VERSION = "2.60.0"
 KUBERAY = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices", "RayCronJob": "raycronjobs"}
 NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47, "RayCronJob": 36}  # KubeRay utils/constant.go
 NOT_MANIFESTS = {"serve-config.yaml", "cluster-launcher.yaml", "jobspec-example.yaml"}
+RAY_UID = 1000  # the ray user of rayproject/ray images (and of ours)
+GPU = "nvidia.com/gpu"
+PACKAGES = ("glm4", "pipeline", "jobs")  # [tool.setuptools.packages.find] in pyproject.toml
 # Modules/files other engineers are still writing; a missing one skips (not fails) the entry-point checks.
 # The lead removes an entry once it has landed.
 PENDING: set[str] = set()
@@ -190,6 +196,80 @@ def containers(cluster: dict) -> list[dict]:
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
+def validate_batch_config(cfg: dict):
+    from pipeline.config import BatchJobConfig
+
+    cfg = dict(cfg)
+    return BatchJobConfig.model_validate(cfg)
+
+
+def configmap_rayjob_templates() -> list[tuple[str, dict]]:
+    """The RayJob templates the CronJob launchers carry in their ConfigMaps (they create each tick's RayJob)."""
+    return [(f"{where} rayjob-template.yaml", yaml.safe_load(d["data"]["rayjob-template.yaml"]))
+            for where, d in all_resources() if d["kind"] == "ConfigMap" and "rayjob-template.yaml" in d["data"]]
+
+
+def all_clusters() -> list[tuple[str, dict]]:
+    """(where, Ray cluster spec) of every KubeRay resource, rendered RayJob and launcher template."""
+    docs = [r for r in all_resources() if r[1]["kind"] in KUBERAY] + configmap_rayjob_templates()
+    return [(where, c) for where, d in docs for c in ray_cluster_specs(d)]
+
+
+def pod_gpus(pod: dict, kind: str = "limits") -> int:
+    return sum(int(c.get("resources", {}).get(kind, {}).get(GPU, 0)) for c in pod["spec"]["containers"])
+
+
+def is_gpu_group(group: dict) -> bool:
+    """A worker group meant for GPU nodes: named so, tolerating the GPU taint, selecting GPU nodes, or asking."""
+    pod = group["template"]["spec"]
+    return ("gpu" in group["groupName"].lower() or pod_gpus(group["template"]) > 0
+            or any(t.get("key") == GPU for t in pod.get("tolerations", []))
+            or any(k.startswith("nvidia.com/") for k in pod.get("nodeSelector", {})))
+
+
+def batch_job_configs() -> list[tuple[str, dict, list[dict]]]:
+    """(where, raw batch job config, the Ray clusters it may run on) for every config we ship: the sources
+    (jobs/schedules, the JobSpec example) and every copy embedded in a manifest, a rendered schedule, a launcher's
+    ConfigMap, or a RayJob rendered from a spec."""
+    shared = ray_cluster_specs(yaml_docs(INFRA / "raycluster.yaml")[0])
+    templ = ray_cluster_specs(template())
+    out = [(str(p.relative_to(REPO)), yaml.safe_load(p.read_text())["job"], templ)
+           for p in sorted((REPO / "jobs" / "schedules").glob("*.yaml"))]
+    out.append(("infra/jobspec-example.yaml", yaml.safe_load((INFRA / "jobspec-example.yaml").read_text())["job"],
+                shared + templ))
+    docs = [r for r in all_resources() if r[1]["kind"] in KUBERAY] + configmap_rayjob_templates()
+    for where, doc in docs:
+        clusters = ray_cluster_specs(doc)
+        for rj in rayjob_specs(doc):
+            env_vars = yaml.safe_load(rj["runtimeEnvYAML"]).get("env_vars", {})
+            if CONFIG_ENV_VAR in env_vars:
+                out.append((f"{where} {CONFIG_ENV_VAR}", yaml.safe_load(env_vars[CONFIG_ENV_VAR]), clusters))
+            if SCHEDULE_ENV_VAR in env_vars:
+                out.append((f"{where} {SCHEDULE_ENV_VAR}", yaml.safe_load(env_vars[SCHEDULE_ENV_VAR])["job"], clusters))
+    for where, doc in all_resources():
+        if doc["kind"] == "ConfigMap" and "schedule.yaml" in doc["data"]:
+            out.append((f"{where} schedule.yaml", yaml.safe_load(doc["data"]["schedule.yaml"])["job"], templ))
+    return out
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of infra/Dockerfile, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for line in (INFRA / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip("\\").strip() + " " if line.endswith("\\") else line.strip()
+        if not line.endswith("\\"):
+            instr, _, args = pending.partition(" ")
+            out.append((instr.upper(), args))
+            pending = ""
+    return out
+
+
+def copy_sources(args: str) -> list[str]:
+    return [a for a in args.split() if not a.startswith("--")][:-1]
+
+
 # --------------------------------------------------------------------------------- the validators work
 
 
@@ -265,9 +345,7 @@ def test_kuberay_rules_and_conventions(where, doc):
         RuntimeEnv(**env)
         env_vars = env.get("env_vars", {})
         if CONFIG_ENV_VAR in env_vars:
-            from pipeline.config import BatchJobConfig
-
-            BatchJobConfig.model_validate(yaml.safe_load(env_vars[CONFIG_ENV_VAR]))
+            validate_batch_config(yaml.safe_load(env_vars[CONFIG_ENV_VAR]))
             assert "run-with-config" in rj["entrypoint"], where
         if SCHEDULE_ENV_VAR in env_vars:
             Schedule.model_validate(yaml.safe_load(env_vars[SCHEDULE_ENV_VAR]))
@@ -451,3 +529,151 @@ def test_dockerfile_base_image_and_context():
 def test_jobspec_example_is_valid():
     spec = JobSpec.from_yaml(INFRA / "jobspec-example.yaml")
     assert spec.effective_submission_id == JobSpec.from_yaml(INFRA / "jobspec-example.yaml").effective_submission_id
+
+
+# ------------------------------------------------------------------------------------ GPU fleet (issue 15)
+
+
+@pytest.mark.parametrize("where,cluster", all_clusters(), ids=lambda x: x if isinstance(x, str) else "")
+def test_gpu_worker_groups_request_gpus(where, cluster):
+    groups = [g for g in cluster.get("workerGroupSpecs", []) if is_gpu_group(g)]
+    assert groups, f"{where}: no GPU worker group: GPU replicas would never be placed"
+    for g in groups:
+        limits, requests = pod_gpus(g["template"]), pod_gpus(g["template"], "requests")
+        assert limits >= 1, f"{where}: GPU worker group {g['groupName']} has no {GPU} limit (Ray would see 0 GPUs)"
+        assert requests in (0, limits), f"{where}: {g['groupName']}: {GPU} requests must equal limits"
+    assert pod_gpus(cluster["headGroupSpec"]["template"]) == 0, f"{where}: the head must not hold a GPU"
+
+
+def test_every_shipped_job_config_is_found():
+    where = [w for w, _, _ in batch_job_configs()]
+    for s in load_schedules():  # source, RayCronJob, CronJob ConfigMap, launcher RayJob
+        assert len([w for w in where if s.name in w]) >= 4, (s.name, where)
+    assert any(w.startswith("infra/rayjob-batch.yaml") for w in where), where
+    assert len([w for w in where if "jobspec-example" in w]) == 2, where  # the spec and its RayJob
+
+
+@pytest.mark.parametrize("where,cfg,clusters", batch_job_configs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_batch_job_configs_run_on_gpus(where, cfg, clusters):
+    assert cfg.get("device") == "cuda", f"{where}: say `device: cuda` (the cluster starts without GPU workers)"
+    assert "use_gpu" not in cfg, f"{where}: use_gpu is gone; device says where replicas run"
+    model = validate_batch_config(cfg)
+    if hasattr(model, "device"):
+        assert model.device == "cuda", where
+    tp = model.tensor_parallel_size
+    lo, hi = model.num_replicas, getattr(model, "max_replicas", None) or model.num_replicas
+    assert lo <= hi, where
+    assert clusters, f"{where}: no cluster to check the config against"
+    for cluster in clusters:
+        pods = [(pod_gpus(g["template"]), g["maxReplicas"] * g.get("numOfHosts", 1))
+                for g in cluster.get("workerGroupSpecs", [])]
+        assert any(gpus >= tp for gpus, _ in pods), \
+            f"{where}: no worker pod holds tensor_parallel_size={tp} GPUs (a replica's ranks share one pod)"
+        capacity = sum((gpus // tp) * n for gpus, n in pods)
+        assert hi <= capacity, f"{where}: up to {hi} replicas of TP {tp}, but the cluster holds {capacity}"
+        check_cluster_fits_job(cfg, {"spec": {"rayClusterSpec": cluster}})
+
+
+def test_rendering_refuses_gpu_jobs_the_cluster_cannot_hold():
+    base = yaml.safe_load((INFRA / "jobspec-example.yaml").read_text())
+    for bad in ({"tensor_parallel_size": 2}, {"num_replicas": 9, "max_replicas": 9}):
+        spec = JobSpec.model_validate({**base, "job": {**base["job"], **bad}})
+        with pytest.raises(ValueError, match="GPU replicas"):
+            rayjob_from_spec(spec, template())
+    cpu = {k: v for k, v in base["job"].items() if k != "max_replicas"}
+    spec = JobSpec.model_validate({**base, "job": {**cpu, "device": "cpu", "num_replicas": 64}})
+    assert rayjob_from_spec(spec, template())["kind"] == "RayJob"  # CPU jobs are not the GPU groups' business
+
+
+def _cache_mount(container: dict) -> tuple[str, str] | None:
+    """(volume name, mount path) of the mount holding the container's $GLM4_MODEL_CACHE, if any."""
+    cache = next((e.get("value") for e in container.get("env", []) if e["name"] == "GLM4_MODEL_CACHE"), None)
+    for m in container.get("volumeMounts", []) if cache else []:
+        if cache == m["mountPath"] or cache.startswith(m["mountPath"].rstrip("/") + "/"):
+            return m["name"], m["mountPath"]
+    return None
+
+
+@pytest.mark.parametrize("where,cluster", all_clusters(), ids=lambda x: x if isinstance(x, str) else "")
+def test_model_cache_volume_is_writable_for_ray(where, cluster):
+    """A hostPath DirectoryOrCreate is created root:0755 and hides the image's chown; fsGroup does not apply to
+    hostPath. So: an init container running as root chowns the mount to Ray's uid, or (emptyDir/PVC) fsGroup."""
+    checked = 0
+    for is_head, g in [(True, cluster["headGroupSpec"]), *((False, w) for w in cluster.get("workerGroupSpecs", []))]:
+        pod = g["template"]["spec"]
+        name = "head" if is_head else g["groupName"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            uid = c.get("securityContext", {}).get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
+            assert uid in (None, RAY_UID), f"{where}: {name}/{c['name']} runs as {uid}, not Ray's uid {RAY_UID}"
+            mount = _cache_mount(c)
+            if mount is None:
+                continue  # the cache is the image's own directory, owned by ray (Dockerfile)
+            vol, path = mount
+            checked += 1
+            owners = [i for i in pod.get("initContainers", [])
+                      if any(m["name"] == vol and m["mountPath"] == path for m in i.get("volumeMounts", []))
+                      and i.get("securityContext", {}).get("runAsUser") == 0
+                      and re.search(rf"chown (-R )?{RAY_UID}(:\d+)? (\S+ )*{re.escape(path)}(/| |$)",
+                                    " ".join(i.get("command", []) + i.get("args", [])))]
+            if "hostPath" in volumes[vol]:
+                assert owners, (f"{where}: {name}: hostPath cache {path} needs a root init container that chowns it "
+                                f"to {RAY_UID} (fsGroup does not apply to hostPath)")
+            else:
+                assert owners or pod.get("securityContext", {}).get("fsGroup") is not None, \
+                    f"{where}: {name}: cache volume {vol} needs fsGroup (or a chown init container)"
+        if not is_head and is_gpu_group(g):
+            assert any(_cache_mount(c) for c in pod["containers"]), f"{where}: {name} has no node-local model cache"
+    assert checked, f"{where}: no model cache mount found"
+
+
+def test_rayservice_api_key_comes_from_a_secret():
+    from pipeline.serve.config import API_KEY_ENV
+
+    (svc,) = yaml_docs(INFRA / "rayservice.yaml")
+    (cluster,) = ray_cluster_specs(svc)
+    for app in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]:
+        assert "api_key" not in app.get("args", {}), "no API key literal in serveConfigV2 (use the Secret)"
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for g in groups:
+        for c in g["template"]["spec"]["containers"] + g["template"]["spec"].get("initContainers", []):
+            for e in c.get("env", []):
+                assert not (e["name"] == API_KEY_ENV and "value" in e), f"{c['name']}: {API_KEY_ENV} is a literal"
+    refs = set()
+    for g in cluster["workerGroupSpecs"]:  # where the replicas run (and read the key)
+        for c in g["template"]["spec"]["containers"]:
+            (env,) = [e for e in c.get("env", []) if e["name"] == API_KEY_ENV] or [None]
+            assert env, f"{g['groupName']}/{c['name']}: no {API_KEY_ENV}: the endpoint would run without auth"
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref.get("optional", False) is False, "a missing Secret must stop the pod, not disable auth"
+            refs.add((ref["name"], ref["key"]))
+    assert len(refs) == 1, refs
+    ((secret, key),) = refs
+    readme = (INFRA / "README.md").read_text()
+    assert f"kubectl create secret generic {secret}" in readme and f"--from-literal={key}=" in readme, \
+        "infra/README.md must show how to create the Secret the RayService reads"
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code():
+    steps = dockerfile_instructions()
+    copies = [(i, copy_sources(a)) for i, (ins, a) in enumerate(steps) if ins == "COPY"]
+    assert not any(s in (".", "./") for _, srcs in copies for s in srcs), "COPY . invalidates the dependency layer"
+    (deps_copy,) = [i for i, srcs in copies if "pyproject.toml" in srcs]
+    code = [i for i, srcs in copies if set(srcs) & set(PACKAGES)]
+    assert {s for _, srcs in copies for s in srcs} >= set(PACKAGES), "every package must be copied"
+    assert deps_copy < min(code), "pyproject.toml must be copied (and installed) before the code"
+    assert not set(dict(copies)[deps_copy]) & set(PACKAGES)
+    pip = [(i, a) for i, (ins, a) in enumerate(steps) if ins == "RUN" and "pip install" in a]
+    deps = [a for i, a in pip if deps_copy < i < min(code)]
+    assert deps and "pyproject.toml" in deps[0] and "--no-deps" not in deps[0], \
+        "install the dependencies listed in pyproject.toml between COPY pyproject.toml and COPY <code>"
+    after = [a for i, a in pip if i > min(code)]
+    assert after and all("--no-deps" in a for a in after), "after the code, install the project with --no-deps"
+    assert any(i > max(code) for i, _ in pip), "the project is installed after all of its code is copied"
+    import tomllib
+
+    pins = [d for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+            if re.match(r"torch\b", d)]
+    assert len(pins) == 1 and re.fullmatch(r"torch==[\w.+]+", pins[0]), f"pyproject must pin torch: {pins}"
+    text = (INFRA / "Dockerfile").read_text()
+    assert set(re.findall(r"torch==[\w.+]+", text)) <= {pins[0]}, "the Dockerfile's torch pin differs from pyproject"

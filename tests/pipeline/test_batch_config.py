@@ -149,7 +149,7 @@ def test_uri_credentials_are_redacted():
 
 def test_changed_result_settings_are_named():
     """A rerun over a finished output with another config keeps the old results; the job must say so."""
-    from pipeline.batch import changed_result_settings
+    from pipeline.output_state import changed_result_settings
 
     old = {"input": "s3://b/in", "model": "m", "sampling": {"temperature": 0.0, "max_tokens": 16},
            "engine": {"dtype": None, "seed": 0}, "num_replicas": 2}

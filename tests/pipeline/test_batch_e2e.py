@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
 MAX_TOKENS = 4
 SMALL = dict(num_replicas=2, replica_num_cpus=0.5, batch_size=4, read_rows_per_task=6, rows_per_file=6,
-             progress_interval_s=2.0, sampling={"max_tokens": MAX_TOKENS}, engine={"device": "cpu"})
+             progress_interval_s=2.0, sampling={"max_tokens": MAX_TOKENS}, device="cpu")
 
 
 def make_config(tmp_path, **kw) -> BatchJobConfig:
@@ -140,7 +140,7 @@ def test_bad_rows_become_error_rows_and_exit_status_follows_max_error_fraction(r
             "--prompt-column", "prompt", "--id-column", "pid", "--sampling-params-column", "params",
             "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--max-model-len", "64", "--num-replicas", "1",
             "--replica-num-cpus", "0.5", "--batch-size", "4", "--model-cache-dir", str(tmp_path / "cache"),
-            "--set", "engine.device=cpu", "--progress-interval", "5"]
+            "--device", "cpu", "--progress-interval", "5"]
     assert cli_main(argv + ["--max-error-fraction", "0.5"]) == 3  # 6/10 > 0.5
     out = tmp_path / "out"
     assert not (out / "_SUCCESS").exists()
@@ -195,7 +195,7 @@ def test_config_and_input_errors_exit_2(tmp_path, model_dir, capsys):
     assert "already has a column 'id'" in capsys.readouterr().err
 
 
-def test_duplicate_ids_are_refused(tmp_path, model_dir):
+def test_duplicate_ids_are_refused(ray_cluster, tmp_path, model_dir):
     write_prompts(tmp_path / "in.parquet", {"k": [1, 2, 2], "prompt": ["a", "b", "c"]})
     cfg = make_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o"), model=str(model_dir),
                       prompt_column="prompt", id_column="k")
@@ -217,7 +217,7 @@ def test_replicas_take_a_gpu_each_when_the_cluster_has_gpus(ray_cluster, model_d
     prompts = prompts_for(8)
     write_prompts(tmp_path / "in.parquet", {"prompt": prompts})
     cfg = make_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
-                      model=str(model_dir), prompt_column="prompt", num_replicas=1, engine={})
+                      model=str(model_dir), prompt_column="prompt", num_replicas=1, device="cuda")
     assert run_batch(cfg, progress=None)["status"] == "succeeded"
     llm = glm4.LLM(model_dir, device="cuda")
     rows = assert_exactly_once(read_output(str(tmp_path / "out" / "data")), "id",

@@ -54,7 +54,7 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(ray_cluster, model_dir, 
     argv = [sys.executable, "-m", "jobs.batch", "--model", str(model_dir), "--input", str(tmp_path / "in.parquet"),
             "--output", str(out), "--prompt-column", "prompt", "--id-column", "pid", "--max-tokens", "24",
             "--num-replicas", "1", "--replica-num-cpus", "0.5", "--batch-size", "2", "--batches-in-flight", "1",
-            "--rows-per-file", "2", "--read-rows-per-task", "4", "--no-prefix-aware", "--set", "engine.device=cpu",
+            "--rows-per-file", "2", "--read-rows-per-task", "4", "--no-prefix-aware", "--device", "cpu",
             "--model-cache-dir", str(tmp_path / "cache"), "--ray-address", ray_cluster, "--summary-json"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

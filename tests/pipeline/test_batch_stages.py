@@ -1,4 +1,4 @@
-"""The Ray Data UDFs called directly on Arrow batches (no Ray cluster): validation messages, prefix keys, the
+"""The Ray Data UDFs called directly on Arrow batches (no Ray cluster): validation messages, prefix order, the
 engine replica against glm4.LLM, postprocess columns."""
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from pipeline.stages import (
     ERROR_IN,
     OUTPUT_COLUMNS,
     PARAMS,
-    PREFIX_KEY,
     TOKEN_IDS,
     EngineReplica,
     EngineSpec,
     PostprocessSpec,
     PreprocessSpec,
     postprocess_batch,
-    prefix_key,
+    prefix_order,
     preprocess_batch,
 )
 
@@ -30,7 +29,7 @@ from pipeline.stages import (
 def _pre(model_dir, **kw) -> PreprocessSpec:
     base = dict(model=str(model_dir), storage=StorageOptions(), model_cache_dir="/nonexistent",
                 prompt_column="prompt", messages_column=None, sampling_params_column=None,
-                default_params=SamplingDefaults(max_tokens=4).as_params(), max_model_len=None, prefix_tokens=8)
+                default_params=SamplingDefaults(max_tokens=4).as_params(), max_model_len=None)
     base.update(kw)
     return PreprocessSpec(**base)
 
@@ -103,16 +102,16 @@ def test_chat_messages_validation(model_dir):
     assert errors[2].as_py().startswith("malformed messages: messages must be a list")
 
 
-def test_prefix_key_orders_rows_by_shared_prefix():
+def test_prefix_order_groups_rows_by_shared_prefix_within_a_window():
     system = list(range(300, 330))
-    rows = [system + [1, 2], [5, 6, 7], system + [9], [5, 6, 8], system + [1, 3]]
-    keys = [prefix_key(r, 40) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: keys[i])
-    # rows sharing the 30-token system prompt are contiguous, and so are the [5, 6, ...] rows
-    positions = sorted(order.index(i) for i in (0, 2, 4))
-    assert positions == list(range(positions[0], positions[0] + 3))
-    assert abs(order.index(1) - order.index(3)) == 1
-    assert prefix_key([7, 151551], 4) == "0000724fff"  # 5 hex digits per id
+    rows = [system + [1, 2], [5, 6, 7], None, system + [9], [5, 6, 8], system + [1, 3]]
+    batch = pa.table({"i": list(range(len(rows))), TOKEN_IDS: pa.array(rows, pa.list_(pa.int32()))})
+    order = prefix_order(batch, prefix_tokens=40)["i"].to_pylist()
+    # rows sharing the 30-token system prompt are contiguous and keep their input order; so are the [5, 6, ...]
+    # rows; the untokenized (error) row goes last
+    assert order == [1, 4, 0, 5, 3, 2]
+    assert prefix_order(batch, prefix_tokens=1)["i"].to_pylist() == [1, 4, 0, 3, 5, 2]  # stable on ties
+    assert prefix_order(batch.slice(0, 1), 8).num_rows == 1
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +150,11 @@ def test_postprocess_keeps_id_carry_and_output_columns(model_dir, replica):
     final = postprocess_batch(out, PostprocessSpec(id_column="pid", carry_columns=("prompt",)))
     assert final.column_names == ["pid", "prompt", *OUTPUT_COLUMNS]
     assert final["error"].to_pylist() == [None, "null prompt"]
-    assert PREFIX_KEY not in final.column_names
+    assert not [c for c in final.column_names if c.startswith("__")]
 
 
 def test_progress_line():
-    from pipeline.batch import format_progress
+    from pipeline.progress import format_progress
 
     line = format_progress({"total": 100, "done_before": 20, "rows": 30, "errors": 2, "gen_tokens": 300,
                             "elapsed_s": 10.0,
@@ -163,3 +162,29 @@ def test_progress_line():
     for part in ("50/100 rows (50.0%)", "3.00 rows/s", "30.0 gen tok/s", "errors 2", "ETA 00:00:16",
                  "prefix-cache hit 25.0%"):
         assert part in line, line
+
+
+def test_progress_line_names_the_phase_before_the_first_row():
+    from pipeline.progress import format_progress
+
+    snap = {"total": 200, "done_before": 0, "rows": 0, "errors": 0, "gen_tokens": 0, "elapsed_s": 95.0,
+            "replicas": {}, "driver_phase": ["replicas starting", 40.0],
+            "replica_phases": {"n1:1": ["engine start (weights, KV cache, kernels)", 31.0],
+                               "n1:2": ["model download", 12.0]}}
+    line = format_progress(snap)
+    assert "0/200 rows" in line and "ETA ?" in line
+    assert "phase: engine start (weights, KV cache, kernels) on 1 replica(s) (31s), model download on 1" in line
+    assert "phase: replicas starting (40s)" in format_progress({**snap, "replica_phases": {}})
+    assert "phase" not in format_progress({**snap, "rows": 5})
+
+
+def test_tracker_occupancy_is_running_over_slots_of_live_replicas():
+    from pipeline.progress import ProgressTracker
+
+    t = ProgressTracker(total=10, done_before=0)
+    t.replica_stats("a", {"num_running": 32, "num_waiting": 100, "max_num_seqs": 64})
+    t.replica_stats("b", {"num_running": 64, "num_waiting": 0, "max_num_seqs": 64})
+    snap = t.snapshot()
+    assert snap["occupancy"] == 96 / 128
+    assert [v for _, v in snap["occupancy_series"]] == [0.5, 0.75]
+    assert snap["occupancy_mean"] == 0.625

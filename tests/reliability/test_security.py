@@ -280,7 +280,7 @@ def test_secrets_never_in_logs_or_manifest_and_ids_cannot_escape(ray_cluster, tm
     cache = tmp_path / "cache"
     argv = [sys.executable, "-m", "jobs.batch", "--model", f"s3://{bucket}/model", "--input", f"s3://{bucket}/in/",
             "--output", f"s3://{bucket}/out", "--prompt-column", "prompt", "--id-column", "pid", "--max-tokens", "2",
-            "--num-replicas", "1", "--replica-num-cpus", "0.5", "--batch-size", "4", "--set", "engine.device=cpu",
+            "--num-replicas", "1", "--replica-num-cpus", "0.5", "--batch-size", "4", "--device", "cpu",
             "--model-cache-dir", str(cache), "--ray-address", ray_cluster, "--progress-interval", "1",
             "--log-level", "DEBUG", "--summary-json"]
     r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
