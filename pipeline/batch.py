@@ -184,7 +184,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         started=started, run_elapsed=run_elapsed, done_before=done_before,
         replicas={"min": config.replica_range[0], "max": config.replica_range[1],
                   "batches_in_flight": config.rows_in_flight_batches, "bundles": resources.bundles(),
-                  "strategy": placement.strategy})
+                  "strategy": placement.strategy, "started": snapshot.get("members", {})})
     ok = manifest["status"] == "succeeded"
     state.write_manifest(out_fs, paths.manifest, manifest)
     if ok:

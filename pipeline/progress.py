@@ -47,6 +47,7 @@ class ProgressTracker:
         self.kinds: dict[str, int] = {}
         self.replicas: dict[str, dict] = {}
         self.phases: dict[str, tuple[str, float]] = {}  # replica -> (phase, since)
+        self.members: dict[str, dict] = {}  # replica -> where it runs and what Ray gave it
         self.occupancy: dict[str, tuple[float, int, int, int]] = {}  # replica -> (t, running, waiting, slots)
         self.series: list[tuple[float, float]] = []  # (seconds since start, pool occupancy)
         self.engine_deaths: dict[str, str] = {}
@@ -73,8 +74,9 @@ class ProgressTracker:
     def set_driver_phase(self, phase: str) -> None:
         self.driver_phase = (phase, time.time())
 
-    def replica_phase(self, replica_id: str, phase: str) -> None:
+    def replica_phase(self, replica_id: str, phase: str, placement: dict | None = None) -> None:
         self.phases[replica_id] = (phase, time.time())
+        self.members[replica_id] = {**(placement or {}), "phase": phase}
 
     def engine_died(self, replica_id: str, error: str) -> int:
         """A replica's engine died; return how many replica processes lost their engine in this job (the restart
@@ -115,6 +117,7 @@ class ProgressTracker:
             "replicas": dict(self.replicas),
             "driver_phase": [self.driver_phase[0], now - self.driver_phase[1]],
             "replica_phases": {r: [p, now - t] for r, (p, t) in self.phases.items()},
+            "members": dict(self.members),
             "occupancy": self.pool_occupancy(now),
             "occupancy_mean": sum(occ) / len(occ) if occ else None,
             "occupancy_series": list(self.series),

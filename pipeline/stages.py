@@ -149,9 +149,9 @@ def _tokenize(tok, value: Any, *, is_chat: bool) -> list[int]:
 def _row_params(defaults: dict[str, Any], override: Any) -> dict[str, Any]:
     """The job's default SamplingParams kwargs updated with a row's override (a dict, JSON text or struct; nulls
     mean "use the default"). The override may use OpenAI request names as well as SamplingParams' (mapped by
-    `pipeline.requests.sampling_kwargs_from_openai`, the mapping the Serve endpoint uses): `max_completion_tokens`,
+    `pipeline.openai_requests.sampling_kwargs_from_openai`, the mapping the Serve endpoint uses): `max_completion_tokens`,
     `stop` as a string, chat's `logprobs: true` + `top_logprobs`; `logit_bias` only empty; `stream: true` refused."""
-    from pipeline.requests import FieldError, sampling_kwargs_from_openai, validate_sampling_kwargs
+    from pipeline.openai_requests import FieldError, sampling_kwargs_from_openai, validate_sampling_kwargs
 
     p = dict(defaults)
     if override is not None:
@@ -247,6 +247,7 @@ class EngineReplica:
 
         self.tracker = spec.tracker
         self.replica_id = f"{os.uname().nodename}:{os.getpid()}"
+        self._placement = _placement_info()
         if spec.torch_threads:
             import torch
 
@@ -265,13 +266,12 @@ class EngineReplica:
         self.max_engine_restarts = spec.max_engine_restarts
         self.max_num_seqs = int(spec.llm_kwargs.get("max_num_seqs", 256))
         self._reporter: asyncio.Task | None = None
-        self._placement = _placement_info()
         self._phase("ready")
         logger.info("replica %s loaded %s in %.1fs", self.replica_id, spec.model, time.perf_counter() - t0)
 
     def _phase(self, name: str) -> None:
         if self.tracker is not None:
-            self.tracker.replica_phase.remote(self.replica_id, name)
+            self.tracker.replica_phase.remote(self.replica_id, name, self._placement)
 
     def _report_stats(self) -> None:
         if self.tracker is not None:

@@ -1,7 +1,7 @@
 """From an HTTP request to what the engine needs: the body read under its size limit, parsed and type-checked
 (``protocol``), then checked against this replica (served model names, vocabulary, context length, server limits)
 and turned into token ids and ``SamplingParams`` (:class:`Prepared`). The mapping itself (request model -> token ids
-and ``SamplingParams``) is :mod:`pipeline.requests`, shared with the batch job's OpenAI Batch files; this module adds
+and ``SamplingParams``) is :mod:`pipeline.openai_requests`, shared with the batch job's OpenAI Batch files; this module adds
 what is HTTP: the body read under its size limit.
 
 Everything here runs before a request is admitted, so bad input costs no admission slot and no engine work; every
@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from pipeline.requests import PreparedRequest, RequestLimits, parse_request, prepare_request, tokenizer_vocab_size
+from pipeline.openai_requests import PreparedRequest, RequestLimits, parse_request, prepare_request, tokenizer_vocab_size
 from pipeline.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 

@@ -214,3 +214,128 @@ def raylet_children_with_title(prefix: str) -> list[int]:
 def engine_actor_pids() -> list[int]:
     """PIDs of this session's engine replica actors."""
     return raylet_children_with_title(ENGINE_ACTOR_TITLE)
+
+
+TP_RANK_ACTOR_TITLE = "ray::_TPRankActor"
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+class JobWatch:
+    """What a fault test needs to prove that its fault landed, for `run_batch` calls made in this process.
+
+    * The job's progress tracker (captured from `pipeline.batch` when the job starts; `pipeline/` is not changed):
+      every replica's latest engine stats, keyed "node:pid" as in the manifest's
+      `prefix_cache.replica_engine_stats` (`num_streams` = rows in flight, `num_steps` = engine steps so far).
+    * The pids of this session's engine replica and tensor-parallel rank actors over time, sampled on a thread, so
+      a replacement that starts and ends between two looks of the test is still seen.
+
+        with JobWatch() as watch:
+            job = start run_batch in a thread
+            busy = watch.wait_busy(pid, timeout)   # the replica is stepping with rows in flight
+            os.kill(pid, SIGKILL)
+    """
+
+    KINDS = {"replica": ENGINE_ACTOR_TITLE, "tp_rank": TP_RANK_ACTOR_TITLE}
+
+    def __init__(self, interval_s: float = 0.25):
+        self.trackers: list = []
+        self.first_seen: dict[str, dict[int, float]] = {k: {} for k in self.KINDS}
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="job-watch", daemon=True)
+        self._saved = None
+
+    def __enter__(self) -> "JobWatch":
+        import pipeline.batch as batch
+
+        trackers, original = self.trackers, batch.ProgressPrinter
+
+        class _Capturing(original):
+            def __init__(self, tracker, *args, **kwargs):
+                trackers.append(tracker)
+                super().__init__(tracker, *args, **kwargs)
+
+        self._saved = original
+        batch.ProgressPrinter = _Capturing
+        self._sample_once()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import pipeline.batch as batch
+
+        batch.ProgressPrinter = self._saved
+        self._stop.set()
+        self._thread.join(5)
+
+    def _sample_once(self) -> None:
+        now = time.time()
+        for kind, title in self.KINDS.items():
+            for pid in raylet_children_with_title(title):
+                self.first_seen[kind].setdefault(pid, now)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._sample_once()
+            except Exception:  # noqa: BLE001 - Ray shutting down; the test's own checks report what is missing
+                pass
+
+    def pids(self, kind: str, since: float = 0.0) -> list[int]:
+        """Pids of `kind` ("replica" | "tp_rank") first seen at or after `since`, oldest first."""
+        self._sample_once()
+        return [p for p, t in sorted(self.first_seen[kind].items(), key=lambda kv: kv[1]) if t >= since]
+
+    def live(self, kind: str) -> list[int]:
+        return [p for p in raylet_children_with_title(self.KINDS[kind])]
+
+    def replica_stats(self) -> dict[str, dict]:
+        """The current job's latest engine stats per replica ({} before its tracker exists or after it ended)."""
+        import ray
+
+        if not self.trackers:
+            return {}
+        try:
+            return ray.get(self.trackers[-1].snapshot.remote(), timeout=10).get("replicas", {})
+        except Exception:  # noqa: BLE001 - the job ended and its tracker with it
+            return {}
+
+    @staticmethod
+    def stats_of(stats: dict[str, dict], pid: int) -> dict | None:
+        return next((v for k, v in stats.items() if k.rsplit(":", 1)[-1] == str(pid)), None)
+
+    def wait_busy(self, pid: int, timeout: float, alive=None) -> dict:
+        """Wait until replica `pid` reports rows in flight (`num_streams` > 0) in two reports between which its
+        engine stepped (`num_steps` grew): it is working on rows right now. Returns the last of those stats."""
+        deadline = time.time() + timeout
+        first = None
+        while time.time() < deadline:
+            if alive is not None and not alive():
+                raise AssertionError(f"the job ended before replica {pid} was working on rows")
+            st = self.stats_of(self.replica_stats(), pid)
+            if st is not None and st.get("num_streams", 0) > 0:
+                if first is None:
+                    first = st
+                elif st.get("num_steps", 0) > first.get("num_steps", 0):
+                    return st
+            else:
+                first = None
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout}s waiting for replica {pid} to work on rows "
+                             f"(last stats: {self.stats_of(self.replica_stats(), pid)})")
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while pid_alive(pid):
+        if time.time() > deadline:
+            raise AssertionError(f"process {pid} still alive {timeout}s after SIGKILL")
+        time.sleep(0.1)
