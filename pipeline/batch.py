@@ -20,6 +20,7 @@ Output state (checkpoint repair, manifest, _SUCCESS) lives in `pipeline.output_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from pipeline import formats
 from pipeline import io as pio
 from pipeline import output_state as state
 from pipeline.config import BatchJobConfig, join_uri
@@ -41,15 +43,7 @@ from pipeline.output_state import (  # noqa: F401 (EXIT_* are part of this modul
 )
 from pipeline.placement import ReplicaPlacement, ReplicaResources, ResourcesUnavailableError
 from pipeline.progress import ProgressPrinter, ProgressTracker, safe_get
-from pipeline.stages import (
-    EngineReplica,
-    EngineSpec,
-    PostprocessSpec,
-    PreprocessSpec,
-    postprocess_batch,
-    prefix_order,
-    preprocess_batch,
-)
+from pipeline.stages import EngineReplica, EngineSpec, prefix_order
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +106,13 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         return state.summary(manifest, status="skipped", exit_code=EXIT_OK)
 
     listing = pio.list_input_files(config.input, paths.storage)
+    fmt = formats.format_of(listing)
     id_column = config.output_id_column
-    read_columns = _check_columns(config, listing.schema)
+    read_columns = _check_columns(config, listing.schema) if fmt is formats.PARQUET else _check_openai(config)
     state.settle_after_failed_run(config, out_fs, paths.data_path, paths.ckpt_fs, paths.ckpt_path)
     state.drop_half_committed_markers(paths.ckpt_fs, paths.ckpt_path)
     ckpt_files = state.committed_checkpoint_files(paths.ckpt_fs, paths.ckpt_path)
-    if not ckpt_files and pio.list_files(out_fs, paths.data_path, ".parquet"):
+    if not ckpt_files and pio.list_files(out_fs, paths.data_path, fmt.out_suffix):
         raise pio.InputError(
             f"{config.data_uri} already holds results but there is no checkpoint at "
             f"{config.resolved_checkpoint_uri}: it is not a resumable run of this job. Use another output or "
@@ -125,15 +120,26 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         )
     done_before = pio.count_parquet_rows(paths.ckpt_fs, ckpt_files)
     model_info = pio.model_fingerprint(config.model, paths.storage)
-    total = listing.num_rows
+    _ensure_ray(config)
+    with _ray_data_console(config):
+        total = formats.count_input_rows(fmt, listing)
+        snapshot, run_elapsed = _run(config, paths, fmt, listing, read_columns, id_column, total, done_before, say)
+        return _finish(config, paths, fmt, listing, id_column, total, done_before, model_info, snapshot, started,
+                       run_elapsed, say)
+
+
+def _run(config: BatchJobConfig, paths: _Paths, fmt, listing, read_columns: list[str], id_column: str, total: int,
+         done_before: int, say: Callable[[str], None]) -> tuple[dict, float]:
+    """The Ray Data execution: reserve the replicas, read -> engine -> write. Returns (progress snapshot, seconds)."""
+    import ray
+
+    out_fs = paths.out_fs
     say(
-        f"[glm4-batch] {total} rows in {len(listing.files)} file(s); "
+        f"[glm4-batch] {total} {'request lines' if fmt is formats.OPENAI_BATCH else 'rows'} in "
+        f"{len(listing.files)} file(s); "
         + (f"resuming: {done_before} already done; " if done_before else "")
         + f"results -> {config.data_uri}"
     )
-
-    _ensure_ray(config)
-    import ray
 
     tracker = ray.remote(num_cpus=0, max_restarts=0)(ProgressTracker).remote(total, done_before)
     printer = ProgressPrinter(tracker, say, config.progress_interval_s)
@@ -150,8 +156,8 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         say(f"[glm4-batch] phase: {config.num_replicas} replica(s) placed after {waited:.0f}s, each "
             f"{resources.describe()}; starting engines")
         tracker.set_driver_phase.remote("replicas starting")
-        ds = _build_dataset(config, listing, read_columns, paths.storage, tracker, id_column, placement)
-        _write(ds, config, out_fs, paths.data_path, paths.ckpt_fs, paths.ckpt_path, id_column)
+        ds = _build_dataset(fmt, config, listing, read_columns, paths.storage, tracker, id_column, placement)
+        _write(fmt, ds, config, out_fs, paths.data_path, paths.ckpt_fs, paths.ckpt_path, id_column)
     except ResourcesUnavailableError as e:
         raise BatchJobError(str(e)) from e
     except Exception as e:
@@ -171,12 +177,19 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         snapshot = safe_get(tracker.snapshot.remote())
         ray.kill(tracker)
         placement.release()
-    run_elapsed = time.time() - run_started
+    return snapshot, time.time() - run_started
 
+
+def _finish(config: BatchJobConfig, paths: _Paths, fmt, listing, id_column: str, total: int, done_before: int,
+            model_info: dict, snapshot: dict, started: float, run_elapsed: float,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """Count the written files (in the cluster), write manifest.json and, when every row is there, _SUCCESS."""
+    out_fs = paths.out_fs
+    resources = replica_resources(config)
     say("[glm4-batch] phase: counting the written results")
-    files = pio.list_files(out_fs, paths.data_path, ".parquet")
-    stats = state.collect_stats(out_fs, files)
-    distinct, n_dup, examples = state.duplicate_ids(_ids_dataset(out_fs, files, id_column), id_column,
+    files = pio.list_files(out_fs, paths.data_path, fmt.out_suffix)
+    stats = state.collect_stats(out_fs, files, formats.stats_fn(fmt))
+    distinct, n_dup, examples = state.duplicate_ids(formats.ids_dataset(fmt, out_fs, files, id_column), id_column,
                                                     stats["rows"])
     manifest = state.build_manifest(
         config, listing=listing, rows_in=total, stats=stats, distinct_ids=distinct, duplicate_examples=examples,
@@ -184,7 +197,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
         started=started, run_elapsed=run_elapsed, done_before=done_before,
         replicas={"min": config.replica_range[0], "max": config.replica_range[1],
                   "batches_in_flight": config.rows_in_flight_batches, "bundles": resources.bundles(),
-                  "strategy": placement.strategy, "started": snapshot.get("members", {})})
+                  "strategy": ReplicaPlacement.strategy, "started": snapshot.get("members", {})})
     ok = manifest["status"] == "succeeded"
     state.write_manifest(out_fs, paths.manifest, manifest)
     if ok:
@@ -198,7 +211,19 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
 
 
 # --- planning -------------------------------------------------------------------------------------------------------
+def _check_openai(config: BatchJobConfig) -> list[str]:
+    """OpenAI Batch lines carry their own request: column settings would be silently ignored, so refuse them."""
+    set_ = [k for k in ("prompt_column", "messages_column", "id_column", "sampling_params_column", "carry_columns")
+            if getattr(config, k) is not None]
+    if set_:
+        raise pio.InputError(f"{config.input} holds OpenAI Batch request files (.jsonl): each line carries its own "
+                             f"request and custom_id, so {', '.join(set_)} must not be set")
+    return []
+
+
 def _check_columns(config: BatchJobConfig, schema: pa.Schema) -> list[str]:
+    if (config.prompt_column is None) == (config.messages_column is None):
+        raise pio.InputError("Parquet input: set exactly one of prompt_column and messages_column")
     names = set(schema.names)
     needed = {
         "prompt_column": config.prompt_column,
@@ -235,10 +260,6 @@ def _read_parquet_ids(fs, files: list[str], column: str):
                                  columns=[column], num_cpus=0.25)
 
 
-def _ids_dataset(fs, files: list[str], id_column: str):
-    return _read_parquet_ids(fs, files, id_column) if files else None
-
-
 def _check_input_ids(config: BatchJobConfig, listing: pio.InputListing) -> None:
     """The id column must be non-null and unique (the checkpoint and the exactly-once check rest on it). Checked
     in the cluster (a Ray Data aggregation), not by reading every id into the driver."""
@@ -263,26 +284,11 @@ def _ensure_ray(config: BatchJobConfig) -> None:
         ray.init(address=config.ray_address, log_to_driver=True)
 
 
-def _build_dataset(config, listing, read_columns, storage, tracker, id_column, placement: ReplicaPlacement):
-    import ray
+def _build_dataset(fmt, config, listing, read_columns, storage, tracker, id_column, placement: ReplicaPlacement):
     import ray.data
 
-    derived = None if config.id_column is not None else id_column
-    source = pio.make_prompt_datasource(listing, read_columns, derive_id_column=derived,
-                                        rows_per_task=config.read_rows_per_task)
-    ds = ray.data.read_datasource(source, num_cpus=0.25)
-    pre = PreprocessSpec(
-        model=config.model,
-        storage=storage,
-        model_cache_dir=config.model_cache_dir,
-        prompt_column=config.prompt_column,
-        messages_column=config.messages_column,
-        sampling_params_column=config.sampling_params_column,
-        default_params=config.sampling.as_params(),
-        max_model_len=config.engine.max_model_len,
-    )
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": pre}, batch_format="pyarrow", batch_size=None,
-                        num_cpus=config.preprocess_num_cpus)
+    ds = formats.read(fmt, config, listing, read_columns, id_column)
+    ds = formats.preprocess(fmt, ds, config, storage, id_column)
     if config.prefix_aware:
         # Trie order inside bounded windows: rows sharing leading tokens become neighbours and travel in the same
         # batches to the same replica, whose prefix cache then serves the shared part once. Streaming: a window
@@ -316,43 +322,46 @@ def _build_dataset(config, listing, read_columns, storage, tracker, id_column, p
             min_size=lo, max_size=hi, max_concurrent_calls_per_actor=config.rows_in_flight_batches
         ),
     )
-    carry = list(listing.schema.names) if config.carry_columns is None else list(config.carry_columns)
-    post = PostprocessSpec(id_column=id_column, carry_columns=tuple(c for c in carry if c in read_columns))
-    return ds.map_batches(postprocess_batch, fn_kwargs={"spec": post}, batch_format="pyarrow", batch_size=None,
-                          num_cpus=0.25)
+    return formats.postprocess(fmt, ds, config, storage, listing, read_columns, id_column)
 
 
-def _write(ds, config, out_fs, data_path, ckpt_fs, ckpt_path, id_column) -> None:
+@contextlib.contextmanager
+def _ray_data_console(config: BatchJobConfig):
+    """Ray Data's own progress output (bars, or on a non-terminal periodic log lines) only when asked for: the
+    job prints its own progress. Applies to every dataset the job creates (run and manifest), then restores."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = config.ray_progress_bars
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+
+
+def _write(fmt, ds, config, out_fs, data_path, ckpt_fs, ckpt_path, id_column) -> None:
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.checkpoint_config, ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    saved = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
         id_column=id_column,
         checkpoint_path=pio.ray_uri(ckpt_fs, ckpt_path),
         delete_checkpoint_on_success=False,  # removed by us, after _SUCCESS (see module docstring)
         override_filesystem=pio.arrow_filesystem(ckpt_fs),
     )
-    ctx.enable_progress_bars = config.ray_progress_bars
-    ctx.enable_operator_progress_bars = config.ray_progress_bars
     # The dataset captured the context when it was created; give it the checkpoint config too.
     ds.context.checkpoint_config = ctx.checkpoint_config
-    ds.context.enable_progress_bars = config.ray_progress_bars
-    ds.context.enable_operator_progress_bars = config.ray_progress_bars
     try:
         with warnings.catch_warnings():
-            # Without checkpointing a rerun would duplicate rows: refuse to run rather than warn.
+            # Without checkpointing a rerun would duplicate rows: refuse to run rather than warn. (Ray 2.60 accepts
+            # any plan that ends in a write, so today this never fires; it guards against a stricter Ray.)
             warnings.filterwarnings("error", message=_CHECKPOINT_DISABLED_WARNING)
-            ds.write_parquet(
-                pio.ray_uri(out_fs, data_path),
-                filesystem=pio.arrow_filesystem(out_fs),
-                min_rows_per_file=config.rows_per_file,
-            )
+            formats.write(fmt, ds, config, out_fs, data_path)
     finally:
-        ctx.checkpoint_config, ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
-
-
+        ctx.checkpoint_config = saved
 
 
 __all__ = ["BatchJobError", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_TOO_MANY_ERRORS", "changed_result_settings",

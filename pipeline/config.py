@@ -183,15 +183,17 @@ class BatchJobConfig(_Strict):
 
     # --- data --------------------------------------------------------------------------------------------------
     input: str = Field(
-        description="Input Parquet: a file, a directory (all *.parquet below it) or a glob; a local path, file:// "
-        "or s3:// URI."
+        description="Input: Parquet prompt files, or OpenAI Batch request files (*.jsonl: one {custom_id, method, "
+        "url, body} object per line; results are then OpenAI Batch output lines in <output>/data/*.jsonl). A file, "
+        "a directory (every *.parquet or *.jsonl below it; one format per job) or a glob; local, file:// or s3://."
     )
     output: str = Field(
         description="Output directory (local, file:// or s3://). Results go to <output>/data/*.parquet, then "
         "<output>/manifest.json and <output>/_SUCCESS (written last)."
     )
     prompt_column: str | None = Field(
-        default=None, description="Column with a plain-text prompt per row. Exactly one of prompt/messages column."
+        default=None, description="Column with a plain-text prompt per row. Parquet input needs exactly one of "
+        "prompt/messages column; OpenAI Batch (.jsonl) input takes neither (each line carries its request)."
     )
     messages_column: str | None = Field(
         default=None,
@@ -278,6 +280,9 @@ class BatchJobConfig(_Strict):
     preprocess_num_cpus: float = Field(
         default=0.5, gt=0, description="CPUs per tokenize task (the validate/tokenize stage)."
     )
+    read_bytes_per_task: int = Field(
+        default=64 * 2**20, ge=1, description="Bytes of an OpenAI Batch .jsonl file per read task (a large file is "
+        "read by several tasks, each owning the lines that start in its byte range).")
     read_rows_per_task: int = Field(
         default=4096,
         ge=1,
@@ -348,8 +353,12 @@ class BatchJobConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "BatchJobConfig":
-        if (self.prompt_column is None) == (self.messages_column is None):
+        if self.prompt_column is not None and self.messages_column is not None:
             raise ValueError("set exactly one of prompt_column and messages_column")
+        if self.prompt_column is None and self.messages_column is None and not self.is_openai_batch_input:
+            # A directory may still hold .jsonl files: run_batch decides once it has listed them.
+            if self.input.rstrip("/").endswith(".parquet"):
+                raise ValueError("set exactly one of prompt_column and messages_column")
         if self.engine.max_model_len is not None and self.sampling.max_tokens >= self.engine.max_model_len:
             raise ValueError(
                 f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.max_model_len "
@@ -370,6 +379,11 @@ class BatchJobConfig(_Strict):
     @property
     def resolved_checkpoint_uri(self) -> str:
         return self.checkpoint_uri or join_uri(self.output, "_checkpoint")
+
+    @property
+    def is_openai_batch_input(self) -> bool:
+        """The input names .jsonl files (a directory is only known once listed)."""
+        return self.input.rstrip("/").endswith(".jsonl")
 
     @property
     def replica_range(self) -> tuple[int, int]:

@@ -96,9 +96,10 @@ class ReplicaPlacement:
     """Placement groups of one job's replicas: `reserve()` the first ones and wait for them; Ray Data then takes
     a reserved group for each actor it starts (a new one when the pool grows); `release()` removes them all."""
 
-    def __init__(self, resources: ReplicaResources, strategy: str = "STRICT_PACK"):
+    strategy = "STRICT_PACK"  # a replica never spans nodes: it waits (and the autoscaler adds a node) instead
+
+    def __init__(self, resources: ReplicaResources):
         self.resources = resources
-        self.strategy = strategy
         self.key = uuid.uuid4().hex[:12]
         self._ready: list[Any] = []  # reserved groups not yet given to an actor
         self._all: list[Any] = []

@@ -18,6 +18,7 @@ A bad line or an invalid request is an error row, never an exception.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -137,7 +138,7 @@ def postprocess_openai_batch(batch: pa.Table, spec: OpenAIBatchSpec) -> pa.Table
     * engine refusal: 400 ``engine_error`` ("the engine refused the request: ..."), as Serve answers it
     * success: 200 and the chat.completion / text_completion body Serve returns for the request
     """
-    cols = {c: batch[c].to_pylist() for c in (CUSTOM_ID, LINE_ERROR, LINE_ERROR_CODE, ERROR_STATUS, ERROR_BODY,
+    cols = {c: batch[c].to_pylist() for c in (spec.id_column, CUSTOM_ID, LINE_ERROR, LINE_ERROR_CODE, ERROR_STATUS, ERROR_BODY,
                                               KIND, MODEL, "generated_text", "finish_reason", "num_prompt_tokens",
                                               "num_generated_tokens", "error")}
     lines, statuses, codes = [], [], []
@@ -146,10 +147,11 @@ def postprocess_openai_batch(batch: pa.Table, spec: OpenAIBatchSpec) -> pa.Table
         row = {c: v[i] for c, v in cols.items()}
         status, body, error = _response(row, now)
         if error is not None:
-            record = {"id": _batch_request_id(), "custom_id": row[CUSTOM_ID], "response": None, "error": error}
+            record = {"id": batch_request_id(row[spec.id_column]), "custom_id": row[CUSTOM_ID], "response": None,
+                      "error": error}
             codes.append(error["code"])
         else:
-            record = {"id": _batch_request_id(), "custom_id": row[CUSTOM_ID],
+            record = {"id": batch_request_id(row[spec.id_column]), "custom_id": row[CUSTOM_ID],
                       "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
                       "error": None}
             codes.append(None if status == 200 else (body["error"].get("code") or body["error"].get("type")))
@@ -164,8 +166,10 @@ def postprocess_openai_batch(batch: pa.Table, spec: OpenAIBatchSpec) -> pa.Table
     })
 
 
-def _batch_request_id() -> str:
-    return "batch_req_" + uuid.uuid4().hex
+def batch_request_id(row_id: str) -> str:
+    """The output line's `id`, derived from the row's stable id: a retried or resumed row keeps it, and the
+    manifest's exactly-once check counts output lines by it."""
+    return "batch_req_" + hashlib.sha256(row_id.encode()).hexdigest()[:32]
 
 
 def _response(row: dict[str, Any], now: int) -> tuple[int | None, dict[str, Any] | None, dict[str, str] | None]:

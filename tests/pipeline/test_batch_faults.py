@@ -1,5 +1,7 @@
 """Faults during a batch job: the driver killed with SIGKILL, an engine replica killed, the object store going
-away. After each, the final output holds every input id exactly once."""
+away, a half-committed checkpoint. Every job runs with the settings a user gets by default (`FAULT` lists the few
+that are not, and why). Each test first proves that its fault landed on a job that was working (rows in flight,
+output partly written), then that the final output holds every input id exactly once."""
 
 from __future__ import annotations
 
@@ -15,30 +17,54 @@ from pathlib import Path
 import pytest
 
 from pipeline.batch import run_batch
+from pipeline.config import BatchJobConfig
 from pipeline.io import StorageError
 
-from .conftest import engine_actor_pids, write_prompts
-from .test_batch_e2e import assert_exactly_once, make_config, read_output
+from .conftest import JobWatch, engine_actor_pids, wait_gone, write_prompts
+from .test_batch_e2e import assert_exactly_once, read_output
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
-# Slow enough to be interrupted part-way: many small files, one replica, one batch at a time.
-SLOW = dict(num_replicas=1, batch_size=2, batches_in_flight=1, rows_per_file=2, read_rows_per_task=4,
-            sampling={"max_tokens": 24}, prefix_aware=False)
+# Non-default settings, each needed for a fault to land mid-job on a 2-core CI box; everything else is the default
+# (prefix_aware on, batches_in_flight derived, one replica, read_rows_per_task, ...).
+FAULT = dict(
+    device="cpu",  # CI has no GPU
+    # The session's cluster has 4 logical CPUs on 2 cores: a fractional replica leaves room for the read,
+    # tokenize and write tasks next to it (README: "on small machines give replicas fractional CPUs").
+    replica_num_cpus=0.5,
+    # Default 32-row engine calls and 2000-row files would hold a 40-row input in two calls and one file written at
+    # the end: small ones make the output grow file by file, so a fault lands between committed files.
+    batch_size=2,
+    rows_per_file=2,
+    # The tiny model on CPU runs a whole 40-row input in one engine round (~3 s, every row finishing in the same
+    # few steps), leaving no middle to fault. Two sequence slots make it ~20 rounds; batches_in_flight keeps its
+    # default, derived from this (2 batches per replica).
+    engine={"max_num_seqs": 2},
+    sampling={"max_tokens": 24},  # the workload, not a setting: short rows keep the test short
+)
+FAULT_CLI = ["--device", "cpu", "--replica-num-cpus", "0.5", "--batch-size", "2", "--rows-per-file", "2",
+             "--max-num-seqs", "2", "--max-tokens", "24"]  # FAULT as flags
+DERIVED_BATCHES_IN_FLIGHT = 2  # max(2, ceil(2 * max_num_seqs / batch_size))
 
 
-def _committed(paths: list[str]) -> list[str]:
-    return [p for p in paths if p.endswith(".parquet") and not p.endswith(".pending.parquet")]
+def fault_config(tmp_path, **kw) -> BatchJobConfig:
+    return BatchJobConfig(**{**FAULT, "model_cache_dir": str(tmp_path / "cache"), **kw})
 
 
-def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def _committed(paths) -> list[str]:
+    return [str(p) for p in paths if str(p).endswith(".parquet") and not str(p).endswith(".pending.parquet")]
+
+
+def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, job=None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"job exited ({proc.returncode}) before {what}")
+        if job is not None and not job.is_alive():
+            raise AssertionError(f"job ended before {what}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -47,56 +73,106 @@ def _prompts(n: int) -> dict:
     return {"pid": [f"row-{i:03d}" for i in range(n)], "prompt": [f"prompt {i} " * (1 + i % 3) for i in range(n)]}
 
 
+def _rows_written(data: Path) -> int:
+    return len(read_output(str(data))) if data.is_dir() else 0
+
+
+def assert_ran_with_defaults(manifest: dict) -> None:
+    """The run used the defaults the tests claim: prefix-aware order, derived batches in flight."""
+    assert manifest["config"]["prefix_aware"] is True
+    assert manifest["config"]["batches_in_flight"] is None
+    assert manifest["replicas"]["batches_in_flight"] == DERIVED_BATCHES_IN_FLIGHT, manifest["replicas"]
+
+
+class _Job:
+    """run_batch in a thread of this process, with its summary or exception."""
+
+    def __init__(self, cfg):
+        self.result: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg) -> None:
+        try:
+            self.result["summary"] = run_batch(cfg, progress=None)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            self.result["error"] = e
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the job hung (still running after {timeout}s)"
+
+
 def test_driver_sigkill_then_rerun_resumes_exactly_once(ray_cluster, model_dir, tmp_path):
     n = 40
     write_prompts(tmp_path / "in.parquet", _prompts(n))
     out, ckpt = tmp_path / "out", tmp_path / "out" / "_checkpoint"
     argv = [sys.executable, "-m", "jobs.batch", "--model", str(model_dir), "--input", str(tmp_path / "in.parquet"),
-            "--output", str(out), "--prompt-column", "prompt", "--id-column", "pid", "--max-tokens", "24",
-            "--num-replicas", "1", "--replica-num-cpus", "0.5", "--batch-size", "2", "--batches-in-flight", "1",
-            "--rows-per-file", "2", "--read-rows-per-task", "4", "--no-prefix-aware", "--device", "cpu",
+            "--output", str(out), "--prompt-column", "prompt", "--id-column", "pid", *FAULT_CLI,
             "--model-cache-dir", str(tmp_path / "cache"), "--ray-address", ray_cluster, "--summary-json"]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with open(tmp_path / "first-run.log", "w") as log:  # a file, not a pipe nobody reads while the job runs
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: len(_committed([str(p) for p in ckpt.glob("*")])) >= 2, 240, "two committed files", proc)
+        _wait_for(lambda: len(_committed(ckpt.glob("*"))) >= 2, 240, "two committed files", proc)
+        replicas = engine_actor_pids()  # the job's engine replica, working on the rows still to do
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
     assert not (out / "_SUCCESS").exists(), "the job finished before it could be interrupted"
     partial = read_output(str(out / "data"))
-    assert 0 < len(partial) < n
+    assert 0 < len(partial) < n, f"{len(partial)} of {n} rows written at the kill: not mid-job"
+    assert len(replicas) == 1, f"expected the job's one engine replica alive at the kill, found {replicas}"
+    wait_gone(replicas[0], 60)  # the driver's death ended its job: Ray kills a dead driver's actors
 
     # The same command again resumes and completes.
     rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["status"] == "succeeded" and summary["rows_resumed"] >= 2
+    assert summary["status"] == "succeeded" and 2 <= summary["rows_resumed"] < n, summary
     assert_exactly_once(read_output(str(out / "data")), "pid", _prompts(n)["pid"])
     assert (out / "_SUCCESS").exists()
+    assert_ran_with_defaults(json.loads((out / "manifest.json").read_text()))
 
 
 def test_killed_replica_is_replaced_without_loss_or_duplicates(ray_cluster, model_dir, tmp_path):
     n = 40
     write_prompts(tmp_path / "in.parquet", _prompts(n))
-    cfg = make_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
-                      model=str(model_dir), prompt_column="prompt", id_column="pid", **SLOW)
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(summary=run_batch(cfg, progress=None)), daemon=True)
-    job.start()
+    cfg = fault_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+                       model=str(model_dir), prompt_column="prompt", id_column="pid")
     data = tmp_path / "out" / "data"
-    _wait_for(lambda: engine_actor_pids() and len(list(data.glob("*.parquet"))) >= 2, 240,
-              "the replica to be writing results")
-    victims = engine_actor_pids()
-    assert len(victims) == 1
-    os.kill(victims[0], signal.SIGKILL)
-    job.join(300)
-    assert not job.is_alive()
-    summary = result["summary"]
-    assert summary["status"] == "succeeded", summary
+    with JobWatch() as watch:
+        job = _Job(cfg)
+        _wait_for(lambda: watch.live("replica") and len(list(data.glob("*.parquet"))) >= 1, 240,
+                  "the replica to be writing results", job=job)
+        victims = watch.live("replica")
+        assert len(victims) == 1, victims
+        busy = watch.wait_busy(victims[0], 60, alive=job.is_alive)
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.time()
+        rows_at_kill = _rows_written(data)
+        wait_gone(victims[0])
+        job.join(300)
+        replacements = [p for p in watch.pids("replica", since=killed_at) if p != victims[0]]
+    summary = job.result.get("summary")
+    assert summary is not None and summary["status"] == "succeeded", job.result
     assert_exactly_once(read_output(str(data)), "pid", _prompts(n)["pid"])
+
+    # The fault landed: the victim was this job's engine, stepping with rows in flight, and the output was partial.
+    assert busy["num_streams"] > 0 and rows_at_kill < n, (busy, rows_at_kill)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    engines = manifest["prefix_cache"]["replica_engine_stats"]
+    assert JobWatch.stats_of(engines, victims[0]) is not None, engines.keys()
+    # A replacement process started after the kill and generated the rest.
+    assert replacements, "no replica process started after the kill"
+    done_by = {p: (JobWatch.stats_of(engines, p) or {}).get("num_generated_tokens", 0) for p in replacements}
+    assert any(v > 0 for v in done_by.values()), (done_by, engines.keys())
+    assert_ran_with_defaults(manifest)
 
 
 def test_object_store_outage_fails_cleanly_and_rerun_completes(ray_cluster, model_dir, tmp_path, moto_s3, s3,
@@ -104,38 +180,38 @@ def test_object_store_outage_fails_cleanly_and_rerun_completes(ray_cluster, mode
     proxy, _ = moto_s3
     n = 40
     write_prompts(f"{bucket}/in/prompts.parquet", _prompts(n), fs=s3)
-    cfg = make_config(tmp_path, input=f"s3://{bucket}/in/", output=f"s3://{bucket}/out", model=str(model_dir),
-                      prompt_column="prompt", id_column="pid",
-                      storage={"endpoint_url": s3_endpoint, "connect_timeout_s": 2, "read_timeout_s": 10,
-                               "max_attempts": 2}, **SLOW)
-    result: dict = {}
-
-    def job():
-        try:
-            result["summary"] = run_batch(cfg, progress=None)
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            result["error"] = e
-
-    t = threading.Thread(target=job, daemon=True)
-    t.start()
+    # Short S3 timeouts and few attempts: the job gives up on the unreachable store within the test's time (the
+    # defaults wait 10 s + 60 s per attempt, 3 attempts per request).
+    cfg = fault_config(tmp_path, input=f"s3://{bucket}/in/", output=f"s3://{bucket}/out", model=str(model_dir),
+                       prompt_column="prompt", id_column="pid",
+                       storage={"endpoint_url": s3_endpoint, "connect_timeout_s": 2, "read_timeout_s": 10,
+                                "max_attempts": 2})
+    ckpt = f"{bucket}/out/_checkpoint"
+    job = _Job(cfg)
     try:
-        _wait_for(lambda: len(_committed(s3.find(f"{bucket}/out/_checkpoint"))) >= 2, 240, "committed files")
+        _wait_for(lambda: len(_committed(s3.find(ckpt))) >= 2, 240, "committed files", job=job)
         proxy.stop()
+        committed_at_outage = _committed(s3.find(ckpt))  # s3 talks to moto directly, not through the proxy
+        job_was_running = job.is_alive()
         t0 = time.time()
-        t.join(240)
-        assert not t.is_alive(), "the job hung while the store was down"
+        job.join(240)
         failed_after = time.time() - t0
+        committed_after = _committed(s3.find(ckpt))
     finally:
         proxy.stop()
         proxy.start()
-    err = result.get("error")
-    assert isinstance(err, StorageError), f"expected a StorageError, got {result}"
-    assert "no _SUCCESS was written, rerun the same job to resume" in str(err)
+    assert job_was_running, "the job finished before the outage"
+    assert len(committed_at_outage) < n // 2, "every file was already committed: the outage came too late"
+    err = job.result.get("error")
+    assert isinstance(err, StorageError), f"expected a StorageError, got {job.result}"
+    assert "storage failed during the run" in str(err) and "rerun the same job to resume" in str(err), str(err)
+    # The job needed the store and could not reach it: nothing was committed while it was down.
+    assert committed_after == committed_at_outage, (committed_at_outage, committed_after)
     assert failed_after < 200
     assert not s3.exists(f"{bucket}/out/_SUCCESS")
 
     summary = run_batch(cfg, progress=None)
-    assert summary["status"] == "succeeded" and summary["rows_resumed"] >= 2, summary
+    assert summary["status"] == "succeeded" and 2 <= summary["rows_resumed"] < n, summary
     assert_exactly_once(read_output(f"{bucket}/out/data", s3), "pid", _prompts(n)["pid"])
     assert s3.exists(f"{bucket}/out/_SUCCESS")
 
@@ -147,14 +223,22 @@ def test_half_committed_checkpoint_keeps_its_rows(ray_cluster, model_dir, tmp_pa
     n = 12
     write_prompts(tmp_path / "in.parquet", _prompts(n))
     out = tmp_path / "out"
-    cfg = make_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(out), model=str(model_dir),
-                      prompt_column="prompt", id_column="pid", keep_checkpoint=True, rows_per_file=4)
+    # No fault mid-job here, so only what gives several committed files is set (FAULT's small batches and files,
+    # default max_num_seqs).
+    cfg = BatchJobConfig(input=str(tmp_path / "in.parquet"), output=str(out), model=str(model_dir),
+                         prompt_column="prompt", id_column="pid", keep_checkpoint=True, device="cpu",
+                         replica_num_cpus=0.5, batch_size=4, rows_per_file=4, sampling={"max_tokens": 4},
+                         model_cache_dir=str(tmp_path / "cache"))
     assert run_batch(cfg, progress=None)["status"] == "succeeded"
     (out / "_SUCCESS").unlink()  # as if the driver died right after the write
     committed = sorted(p for p in (out / "_checkpoint").glob("*.parquet"))
     assert len(committed) >= 2
     victim = committed[0]
-    (victim.parent / (victim.name[: -len(".parquet")] + ".pending.parquet")).write_bytes(victim.read_bytes())
+    pending = victim.parent / (victim.name[: -len(".parquet")] + ".pending.parquet")
+    pending.write_bytes(victim.read_bytes())
     summary = run_batch(cfg, progress=None)
     assert summary["status"] == "succeeded", summary
+    # The half-committed file's rows count as done (resumed, not redone and not lost) and the marker is gone.
+    assert summary["rows_resumed"] == n, summary
+    assert not pending.exists()
     assert_exactly_once(read_output(str(out / "data")), "pid", _prompts(n)["pid"])
