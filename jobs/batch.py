@@ -2,6 +2,8 @@
 
     glm4-batch --model DIR --input prompts.parquet --output out/ --prompt-column prompt --max-tokens 64
     glm4-batch --config job.yaml [--num-replicas 4 ...]      # flags override the file
+    glm4-batch --config job.yaml --dry-run                   # check and plan only: no Ray, no inference
+    glm4-batch --model DIR --input requests.jsonl --output out/  # OpenAI Batch files in and out
     glm4-batch --demo-input prompts.parquet --demo-rows 64   # write a demo prompts file (prompt_id, prompt)
 
 Rerunning the same command resumes an interrupted job (rows already written are skipped) and is a no-op for a
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cli_arguments(p)
     p.add_argument("--summary-json", action="store_true", help="print the summary as one JSON line on stdout")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, list and count the input, sample "
+                   "prompt lengths, report what a resume would skip and what each replica requests; print that "
+                   "plan as JSON and exit without starting Ray or running inference")
     p.add_argument("--demo-input", metavar="PATH", help="write a demo prompts Parquet file (columns prompt_id, "
                    "prompt) and exit")
     p.add_argument("--demo-rows", type=int, default=64, help="rows in the demo prompts file (default 64)")
@@ -55,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glm4-batch: invalid configuration:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        if args.dry_run:
+            from pipeline.dryrun import dry_run, format_report
+
+            print(format_report(dry_run(config, say=lambda line: print(line, file=sys.stderr))))
+            return 0
         summary = run_batch(config)
     except (InputError, ModelPathError) as e:
         print(f"glm4-batch: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
     listing = pio.list_input_files(config.input, paths.storage)
     fmt = formats.format_of(listing)
     id_column = config.output_id_column
-    read_columns = _check_columns(config, listing.schema) if fmt is formats.PARQUET else _check_openai(config)
+    read_columns = check_input(config, fmt, listing)
     state.settle_after_failed_run(config, out_fs, paths.data_path, paths.ckpt_fs, paths.ckpt_path)
     state.drop_half_committed_markers(paths.ckpt_fs, paths.ckpt_path)
     ckpt_files = state.committed_checkpoint_files(paths.ckpt_fs, paths.ckpt_path)
@@ -211,6 +211,11 @@ def _finish(config: BatchJobConfig, paths: _Paths, fmt, listing, id_column: str,
 
 
 # --- planning -------------------------------------------------------------------------------------------------------
+def check_input(config: BatchJobConfig, fmt, listing: pio.InputListing) -> list[str]:
+    """Check the config against the listed input; return the input columns the job reads."""
+    return _check_columns(config, listing.schema) if fmt is formats.PARQUET else _check_openai(config)
+
+
 def _check_openai(config: BatchJobConfig) -> list[str]:
     """OpenAI Batch lines carry their own request: column settings would be silently ignored, so refuse them."""
     set_ = [k for k in ("prompt_column", "messages_column", "id_column", "sampling_params_column", "carry_columns")
@@ -284,9 +289,12 @@ def _ensure_ray(config: BatchJobConfig) -> None:
         ray.init(address=config.ray_address, log_to_driver=True)
 
 
-def _build_dataset(fmt, config, listing, read_columns, storage, tracker, id_column, placement: ReplicaPlacement):
-    import ray.data
+def requests_dataset(fmt, config: BatchJobConfig, listing: pio.InputListing, read_columns: list[str], storage,
+                     id_column: str):
+    """Everything before the engine: read -> validate + tokenize -> prefix-aware order -> batch_size blocks.
 
+    Every step streams: no operator waits for all of the input, and no block exceeds max(batch_size, the read
+    task's rows) whatever the prefix distribution (tests/pipeline/test_batch_stages.py checks both)."""
     ds = formats.read(fmt, config, listing, read_columns, id_column)
     ds = formats.preprocess(fmt, ds, config, storage, id_column)
     if config.prefix_aware:
@@ -295,7 +303,13 @@ def _build_dataset(fmt, config, listing, read_columns, storage, tracker, id_colu
         # is ordered as soon as its rows are tokenized (no global sort, no barrier, no oversized block).
         ds = ds.map_batches(prefix_order, fn_kwargs={"prefix_tokens": config.prefix_tokens},
                             batch_format="pyarrow", batch_size=config.prefix_window_rows, num_cpus=0.25)
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    return ds.repartition(target_num_rows_per_block=config.batch_size)
+
+
+def _build_dataset(fmt, config, listing, read_columns, storage, tracker, id_column, placement: ReplicaPlacement):
+    import ray.data
+
+    ds = requests_dataset(fmt, config, listing, read_columns, storage, id_column)
 
     llm_kwargs = config.engine.llm_kwargs(config.tensor_parallel_size, config.device)
     if config.tensor_parallel_size > 1:

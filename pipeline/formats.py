@@ -59,11 +59,11 @@ def count_input_rows(fmt: Format, listing: pio.InputListing) -> int:
         return listing.num_rows
     import ray
 
-    task = ray.remote(num_cpus=0.25, max_retries=3)(_count_request_lines)
+    task = ray.remote(num_cpus=0.25, max_retries=3)(count_request_lines)
     return sum(ray.get([task.remote(listing.fs, f.path) for f in listing.files]))
 
 
-def _count_request_lines(fs, path: str) -> int:
+def count_request_lines(fs, path: str) -> int:
     n = 0
     with pio.storage_errors(f"counting lines of {path}"):
         with fs.open(path, "rb") as f:
@@ -77,17 +77,23 @@ def preprocess(fmt: Format, ds, config: BatchJobConfig, storage: StorageOptions,
     if fmt is OPENAI_BATCH:
         from pipeline.openai_batch import preprocess_openai_batch
 
-        fn, spec = preprocess_openai_batch, _openai_spec(config, storage, id_column)
+        fn, spec = preprocess_openai_batch, openai_spec(config, storage, id_column)
     else:
-        from pipeline.stages import PreprocessSpec, preprocess_batch
+        from pipeline.stages import preprocess_batch
 
-        fn, spec = preprocess_batch, PreprocessSpec(
-            model=config.model, storage=storage, model_cache_dir=config.model_cache_dir,
-            prompt_column=config.prompt_column, messages_column=config.messages_column,
-            sampling_params_column=config.sampling_params_column, default_params=config.sampling.as_params(),
-            max_model_len=config.engine.max_model_len)
+        fn, spec = preprocess_batch, parquet_preprocess_spec(config, storage)
     return ds.map_batches(fn, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None,
                           num_cpus=config.preprocess_num_cpus)
+
+
+def parquet_preprocess_spec(config: BatchJobConfig, storage: StorageOptions):
+    from pipeline.stages import PreprocessSpec
+
+    return PreprocessSpec(
+        model=config.model, storage=storage, model_cache_dir=config.model_cache_dir,
+        prompt_column=config.prompt_column, messages_column=config.messages_column,
+        sampling_params_column=config.sampling_params_column, default_params=config.sampling.as_params(),
+        max_model_len=config.engine.max_model_len)
 
 
 def postprocess(fmt: Format, ds, config: BatchJobConfig, storage: StorageOptions, listing: pio.InputListing,
@@ -95,7 +101,7 @@ def postprocess(fmt: Format, ds, config: BatchJobConfig, storage: StorageOptions
     if fmt is OPENAI_BATCH:
         from pipeline.openai_batch import postprocess_openai_batch
 
-        fn, spec = postprocess_openai_batch, _openai_spec(config, storage, id_column)
+        fn, spec = postprocess_openai_batch, openai_spec(config, storage, id_column)
     else:
         from pipeline.stages import PostprocessSpec, postprocess_batch
 
@@ -105,7 +111,7 @@ def postprocess(fmt: Format, ds, config: BatchJobConfig, storage: StorageOptions
     return ds.map_batches(fn, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
-def _openai_spec(config: BatchJobConfig, storage: StorageOptions, id_column: str):
+def openai_spec(config: BatchJobConfig, storage: StorageOptions, id_column: str):
     from pipeline.openai_batch import OpenAIBatchSpec
 
     return OpenAIBatchSpec(model=config.model, storage=storage, model_cache_dir=config.model_cache_dir,

@@ -164,7 +164,7 @@ JSONL_SUFFIXES = (".jsonl",)
 IO_THREADS = 32
 
 
-def _parallel(fn, items: list) -> list:
+def parallel(fn, items: list) -> list:
     """`[fn(x) for x in items]` on a thread pool (object-store round trips overlap; order kept)."""
     if len(items) <= 1:
         return [fn(x) for x in items]
@@ -200,7 +200,7 @@ def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputLi
         if not paths:
             raise InputError(f"no Parquet (or OpenAI Batch .jsonl) files in input {uri}")
         if all(p.endswith(JSONL_SUFFIXES) for p in paths):
-            sizes = _parallel(lambda p: int(fs.size(p) or 0), paths)
+            sizes = parallel(lambda p: int(fs.size(p) or 0), paths)
             files = [InputFile(p, posixpath.relpath(p, root), -1, (), n) for p, n in zip(paths, sizes)]
             return InputListing(uri, fs, tuple(files), pa.schema([]), format="jsonl")
         if any(p.endswith(JSONL_SUFFIXES) for p in paths):
@@ -215,7 +215,7 @@ def list_input_files(uri: str, storage: StorageOptions | None = None) -> InputLi
             return md, int(fs.size(p) or 0)
 
         files, schema = [], None
-        for p, (md, size) in zip(paths, _parallel(footer, paths)):  # footers read in parallel, checked in order
+        for p, (md, size) in zip(paths, parallel(footer, paths)):  # footers read in parallel, checked in order
             file_schema = md.schema.to_arrow_schema()
             if schema is None:
                 schema = file_schema
@@ -484,7 +484,7 @@ def count_parquet_rows(fs: fsspec.AbstractFileSystem, paths: list[str]) -> int:
             return pq.ParquetFile(f).metadata.num_rows
 
     with storage_errors("counting rows"):
-        return sum(_parallel(one, paths))
+        return sum(parallel(one, paths))
 
 
 __all__ = [

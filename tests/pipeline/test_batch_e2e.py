@@ -241,3 +241,76 @@ def test_tensor_parallel_replica_through_ray_actors(ray_cluster, model_dir, refe
     rows = assert_exactly_once(read_output(str(tmp_path / "out" / "data")), "pid", [f"t{i}" for i in range(6)])
     for i, p in enumerate(prompts):
         assert rows[f"t{i}"]["generated_text"] == text_for(tok.encode_prompt(p)), f"row t{i}"
+
+
+def test_dry_run_plans_without_ray_or_inference(model_dir, tmp_path, capsys, monkeypatch):
+    """--dry-run: config checked, input listed and counted, prompt lengths sampled through the job's own
+    preprocess, resume and replica requests reported; no Ray started, nothing written."""
+    prompts = prompts_for(10) + [""]
+    write_prompts(tmp_path / "in" / "a.parquet", {"prompt": prompts[:6]})
+    write_prompts(tmp_path / "in" / "b.parquet", {"prompt": prompts[6:]})
+    argv = ["--model", str(model_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--prompt-column", "prompt", "--num-replicas", "2", "--max-replicas", "6", "--tensor-parallel-size", "2",
+            "--dry-run"]
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("--dry-run must not start or connect to Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert cli_main(argv) == 0
+    assert not (tmp_path / "out").exists()
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"] == {**report["input"], "format": "parquet", "files": 2, "rows": 11}
+    assert report["resume"] == {**report["resume"], "already_complete": False, "checkpointed_rows": 0,
+                                "rows_to_run": 11}
+    sample = report["prompt_tokens_sample"]
+    assert sample["rows"] == 11 and sample["error_rows_by_kind"] == {"empty prompt": 1}
+    assert 0 < sample["min"] <= sample["p50"] <= sample["max"]
+    reps = report["replicas"]
+    assert (reps["min"], reps["max"], reps["strategy"]) == (2, 6, "STRICT_PACK")
+    assert reps["bundles"] == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]  # default device: cuda
+    assert reps["engine"]["dtype"] == "bfloat16" and reps["engine"]["tensor_parallel_size"] == 2
+    # a bad config still fails as the job would
+    assert cli_main(argv[:-1] + ["--prompt-column", "nope", "--dry-run"]) == 2
+
+
+def test_prefix_aware_placement_streams_in_bounded_blocks(ray_cluster, model_dir, tmp_path):
+    """Half of the rows share one system prompt (the skew that made the old global sort emit one block of half the
+    input). The plan has no all-to-all operator (no barrier: output can be written while input is read), every
+    block reaching the engine has at most batch_size rows, and rows sharing the prompt are neighbours within each
+    window."""
+    from ray.data._internal.logical.interfaces import LogicalOperator
+    from ray.data._internal.logical.operators.all_to_all_operator import AbstractAllToAll
+
+    from pipeline import formats
+    from pipeline.batch import check_input, requests_dataset
+    from pipeline.io import list_input_files
+    from pipeline.stages import TOKEN_IDS
+
+    system = "You are a careful assistant. Answer in one short sentence. " * 3
+    n = 600
+    prompts = [(system if i % 2 else "") + f"question {i}" for i in range(n)]
+    write_prompts(tmp_path / "in.parquet", {"prompt": prompts}, row_group_size=100)
+    cfg = make_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o"), model=str(model_dir),
+                      prompt_column="prompt", batch_size=8, read_rows_per_task=100, prefix_window_rows=200)
+    listing = list_input_files(cfg.input)
+    fmt = formats.format_of(listing)
+    ds = requests_dataset(fmt, cfg, listing, check_input(cfg, fmt, listing), cfg.storage, "id")
+
+    def ops(op: LogicalOperator):
+        yield op
+        for dep in op.input_dependencies:
+            yield from ops(dep)
+
+    assert not [op.name for op in ops(ds._logical_plan.dag) if isinstance(op, AbstractAllToAll)]
+    sizes, mixed = [], 0
+    system_ids = tuple(glm4.load_tokenizer(model_dir).encode_prompt(system + "question 1")[:24])
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one batch per block
+        sizes.append(batch.num_rows)
+        shared = {tuple(ids[:24]) == system_ids for ids in batch[TOKEN_IDS].to_pylist()}
+        mixed += len(shared) > 1
+    assert sum(sizes) == n and max(sizes) <= 8, sizes
+    # In input order every other row has the system prompt, so nearly every 8-row block would mix both kinds; in
+    # prefix order a block mixes them only at a window's edge (3 windows of 200 rows, two edges each at most).
+    assert mixed <= 2 * (n // 200), mixed
