@@ -156,6 +156,7 @@ def _run(config: BatchJobConfig, paths: _Paths, fmt, listing, read_columns: list
         say(f"[glm4-batch] phase: {config.num_replicas} replica(s) placed after {waited:.0f}s, each "
             f"{resources.describe()}; starting engines")
         tracker.set_driver_phase.remote("replicas starting")
+        _warn_if_cpu_starved(say)
         ds = _build_dataset(fmt, config, listing, read_columns, paths.storage, tracker, id_column, placement)
         _write(fmt, ds, config, out_fs, paths.data_path, paths.ckpt_fs, paths.ckpt_path, id_column)
     except ResourcesUnavailableError as e:
@@ -189,8 +190,8 @@ def _finish(config: BatchJobConfig, paths: _Paths, fmt, listing, id_column: str,
     say("[glm4-batch] phase: counting the written results")
     files = pio.list_files(out_fs, paths.data_path, fmt.out_suffix)
     stats = state.collect_stats(out_fs, files, formats.stats_fn(fmt))
-    distinct, n_dup, examples = state.duplicate_ids(formats.ids_dataset(fmt, out_fs, files, id_column), id_column,
-                                                    stats["rows"])
+    distinct, n_dup, examples = state.duplicate_ids(out_fs, files, id_column, stats["rows"],
+                                                    *formats.id_readers(fmt, id_column))
     manifest = state.build_manifest(
         config, listing=listing, rows_in=total, stats=stats, distinct_ids=distinct, duplicate_examples=examples,
         n_duplicates=n_dup, files_out=len(files), id_column=id_column, model_info=model_info, snap=snapshot,
@@ -258,28 +259,32 @@ def _check_columns(config: BatchJobConfig, schema: pa.Schema) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
-def _read_parquet_ids(fs, files: list[str], column: str):
-    import ray.data
-
-    return ray.data.read_parquet([pio.ray_uri(fs, p) for p in files], filesystem=pio.arrow_filesystem(fs),
-                                 columns=[column], num_cpus=0.25)
-
-
 def _check_input_ids(config: BatchJobConfig, listing: pio.InputListing) -> None:
     """The id column must be non-null and unique (the checkpoint and the exactly-once check rest on it). Checked
-    in the cluster (a Ray Data aggregation), not by reading every id into the driver."""
+    in the cluster (Ray tasks, or a Ray Data aggregation for large inputs), never by reading ids into the driver."""
     col = config.id_column
-    ds = _read_parquet_ids(listing.fs, [f.path for f in listing.files], col)
-    nulls = ds.map_batches(lambda t: pa.table({"n": [t[col].null_count]}), batch_format="pyarrow",
-                           num_cpus=0.25).sum("n")
+    files = [f.path for f in listing.files]
+    read_ids, ids_dataset = formats.id_readers(formats.PARQUET, col)
+    nulls = state.null_ids(listing.fs, files, read_ids)
     if nulls:
         raise pio.InputError(f"id column {col!r} has {nulls} null value(s)")
-    distinct, n_dup, examples = state.duplicate_ids(ds, col, listing.num_rows)
+    distinct, n_dup, examples = state.duplicate_ids(listing.fs, files, col, listing.num_rows, read_ids, ids_dataset)
     if n_dup:
         raise pio.InputError(
             f"id column {col!r} has {listing.num_rows - distinct} duplicate value(s), e.g. {examples}: ids must be "
             "unique for exactly-once results"
         )
+
+
+def _warn_if_cpu_starved(say: Callable[[str], None]) -> None:
+    """Reserved replicas hold their CPUs for the whole job; if they took (nearly) all of them, the read, tokenize and
+    write tasks never run and Ray Data waits without an error. Warn (an autoscaling cluster may still add nodes)."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < 0.5:
+        say(f"[glm4-batch] WARNING: the replicas' reservations leave {free:.2f} CPU free for the read, tokenize and "
+            "write tasks: the job may stall. Lower replica_num_cpus (fractions are fine) or num_replicas.")
 
 
 def _ensure_ray(config: BatchJobConfig) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import io as pio
 from pipeline import output_state as state
@@ -168,19 +169,31 @@ def jsonl_file_stats(fs, paths: list[str]) -> dict[str, Any]:
     return acc
 
 
-def ids_dataset(fmt: Format, fs, files: list[str], id_column: str):
-    """The written rows' ids as a one-column dataset (for the exactly-once check), read in the cluster."""
-    import ray.data
-
-    if not files:
-        return None
-    paths = [pio.ray_uri(fs, p) for p in files]
+def id_readers(fmt: Format, id_column: str):
+    """(read_ids(fs, path) -> pa.Array, ids_dataset(fs, files, id_column) -> Dataset) of the written files."""
     if fmt is PARQUET:
-        return ray.data.read_parquet(paths, filesystem=pio.arrow_filesystem(fs), columns=[id_column], num_cpus=0.25)
+        def read_ids(fs, path: str) -> pa.Array:
+            with fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=[id_column])[id_column].combine_chunks()
 
-    def line_ids(t: pa.Table) -> pa.Table:
-        return pa.table({id_column: [json.loads(x)["id"] for x in t["text"].to_pylist() if x.strip()]})
+        def ids_dataset(fs, files: list[str], column: str):
+            import ray.data
 
-    return ray.data.read_text(paths, filesystem=pio.arrow_filesystem(fs), num_cpus=0.25).map_batches(
-        line_ids, batch_format="pyarrow", num_cpus=0.25)
+            return ray.data.read_parquet([pio.ray_uri(fs, p) for p in files], filesystem=pio.arrow_filesystem(fs),
+                                         columns=[column], num_cpus=0.25)
+        return read_ids, ids_dataset
 
+    def read_line_ids(fs, path: str) -> pa.Array:
+        # The output line's "id" is derived from the row's stable id (batch_req_<hash>): one per input line.
+        with fs.open(path, "rb") as f:
+            return pa.array([json.loads(line)["id"] for line in f if line.strip()], pa.string())
+
+    def line_ids_dataset(fs, files: list[str], column: str):
+        import ray.data
+
+        def line_ids(t: pa.Table) -> pa.Table:
+            return pa.table({column: [json.loads(x)["id"] for x in t["text"].to_pylist() if x.strip()]})
+
+        return ray.data.read_text([pio.ray_uri(fs, p) for p in files], filesystem=pio.arrow_filesystem(fs),
+                                  num_cpus=0.25).map_batches(line_ids, batch_format="pyarrow", num_cpus=0.25)
+    return read_line_ids, line_ids_dataset

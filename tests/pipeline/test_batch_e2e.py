@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -314,3 +315,32 @@ def test_prefix_aware_placement_streams_in_bounded_blocks(ray_cluster, model_dir
     # In input order every other row has the system prompt, so nearly every 8-row block would mix both kinds; in
     # prefix order a block mixes them only at a window's edge (3 windows of 200 rows, two edges each at most).
     assert mixed <= 2 * (n // 200), mixed
+
+
+@pytest.mark.parametrize("fmt_name", ["parquet", "openai-batch"])
+def test_exactly_once_check_counts_the_same_in_one_task_and_by_hash_aggregation(ray_cluster, tmp_path, monkeypatch,
+                                                                               fmt_name):
+    """Small outputs are checked in one Ray task, large ones by a Ray Data hash aggregation: same answer."""
+    import fsspec
+
+    from pipeline import formats
+    from pipeline import output_state as state
+
+    fmt = formats.PARQUET if fmt_name == "parquet" else formats.OPENAI_BATCH
+    ids = [["a", "b", "c"], ["d", "b", "e"], ["f", "a", "g"]]  # "a" and "b" twice
+    files = []
+    for k, chunk in enumerate(ids):
+        path = tmp_path / f"part-{k}{fmt.out_suffix}"
+        if fmt is formats.PARQUET:
+            pq.write_table(pa.table({"id": chunk, "x": [1, 2, 3]}), path)
+        else:
+            path.write_text("".join(json.dumps({"id": i, "custom_id": i, "response": None}) + "\n" for i in chunk))
+        files.append(str(path))
+    fs = fsspec.filesystem("file")
+    readers = formats.id_readers(fmt, "id")
+    small = state.duplicate_ids(fs, files, "id", 9, *readers)
+    monkeypatch.setattr(state, "ROWS_PER_ID_PARTITION", 4)  # 9 rows: the aggregation path, 3 partitions
+    large = state.duplicate_ids(fs, files, "id", 9, *readers)
+    assert small[:2] == large[:2] == (7, 2)
+    assert sorted(small[2]) == sorted(large[2]) == ["a", "b"]
+    assert state.null_ids(fs, files, readers[0]) == 0

@@ -200,6 +200,8 @@ def test_object_store_outage_fails_cleanly_and_rerun_completes(ray_cluster, mode
     finally:
         proxy.stop()
         proxy.start()
+    print(f"outage after {len(committed_at_outage)} committed files; the job failed {failed_after:.0f}s later: "
+          f"{job.result.get('error')!r}"[:600])
     assert job_was_running, "the job finished before the outage"
     assert len(committed_at_outage) < n // 2, "every file was already committed: the outage came too late"
     err = job.result.get("error")
@@ -210,7 +212,9 @@ def test_object_store_outage_fails_cleanly_and_rerun_completes(ray_cluster, mode
     assert failed_after < 200
     assert not s3.exists(f"{bucket}/out/_SUCCESS")
 
+    t1 = time.time()
     summary = run_batch(cfg, progress=None)
+    print(f"rerun {time.time() - t1:.0f}s: {summary}")
     assert summary["status"] == "succeeded" and 2 <= summary["rows_resumed"] < n, summary
     assert_exactly_once(read_output(f"{bucket}/out/data", s3), "pid", _prompts(n)["pid"])
     assert s3.exists(f"{bucket}/out/_SUCCESS")
