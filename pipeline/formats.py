@@ -174,7 +174,13 @@ def id_readers(fmt: Format, id_column: str):
     if fmt is PARQUET:
         def read_ids(fs, path: str) -> pa.Array:
             with fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=[id_column])[id_column].combine_chunks()
+                try:
+                    return pq.read_table(f, columns=[id_column])[id_column].combine_chunks()
+                except (pa.ArrowException, OSError) as e:
+                    if pio.names_unreachable_storage(e):
+                        raise
+                    # a corrupt page: pyarrow names neither the file nor the column, and a rerun will not help
+                    raise pio.InputError(f"file {path}: cannot read column {id_column!r}: {e}") from e
 
         def ids_dataset(fs, files: list[str], column: str):
             import ray.data

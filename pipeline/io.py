@@ -129,11 +129,18 @@ _STORAGE_MESSAGES = (
 )
 
 
+def names_unreachable_storage(e: BaseException) -> bool:
+    """The error says the store could not be reached or refused us (not that the data is bad)."""
+    return any(s in str(e) for s in _STORAGE_MESSAGES)
+
+
 def describe_storage_exception(e: BaseException) -> str:
+    text = str(e)  # a Ray task error puts the traceback first and the cause last: keep both ends
+    text = text if len(text) <= 600 else text[:200] + " ... " + text[-400:]
     for s in _STORAGE_MESSAGES:
         if s in str(e):
-            return f"{s} ({type(e).__name__}: {str(e)[:300]})"
-    return f"{type(e).__name__}: {str(e)[:300]}"
+            return f"{s} ({type(e).__name__}: {text})"
+    return f"{type(e).__name__}: {text}"
 
 
 # --- input listing ------------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from pydantic import ValidationError
 
 from jobs import cli
 from jobs.submit import ClusterUnreachableError, GLM4JobClient, JobSpec
+from tests.pipeline.ray_nodes import free_port, stop_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -45,42 +44,13 @@ E2E_COMMAND: list[str] | None = [
 
 def e2e_job_config(tmp: Path) -> dict:
     return {"input": str(tmp / "prompts.parquet"), "output": str(tmp / "out"), "model": str(tmp / "model"),
-            "prompt_column": "prompt", "num_replicas": 1, "replica_num_cpus": 0.5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 8.0) -> None:
-    """SIGTERM the head's process group, SIGKILL what is left after `grace_s` (gcs_server ignores SIGTERM)."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        if not _group_alive(proc.pid):
-            break
-        os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            proc.poll()
-            time.sleep(0.2)
-    proc.wait(timeout=10)
+            "prompt_column": "prompt", "num_replicas": 1, "replica_num_cpus": 0.5, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {k: _free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+    ports = {k: free_port() for k in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
                                        "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
                                        "dashboard-agent-grpc-port", "runtime-env-agent-port")}
     lo = random.randrange(20000, 29000, 100)  # worker ports below the ephemeral range the ports above come from
@@ -116,14 +86,14 @@ def ray_head():
             if str(job.status) in ("PENDING", "RUNNING") and job.submission_id:
                 client.stop(job.submission_id)
     finally:
-        _stop_group(proc)
+        stop_group(proc, grace_s=8.0)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def client(ray_head, monkeypatch_module):
     # An explicit address must win even if the environment points elsewhere (here: nowhere).
-    monkeypatch_module.setenv("RAY_ADDRESS", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch_module.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")
     return GLM4JobClient(ray_head.address, timeout_s=10)
 
 
@@ -232,7 +202,8 @@ def test_real_batch_job_on_the_tiny_checkpoint(client, tiny_checkpoint, tmp_path
                              "prompt": [f"Prompt number {i}" for i in range(n)]}), tmp_path / "prompts.parquet")
     job = {"input": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"), "model": str(tiny_checkpoint),
            "prompt_column": "prompt", "id_column": "prompt_id", "sampling": {"max_tokens": 4},
-           "num_replicas": 1, "replica_num_cpus": 0.5, "batch_size": 4, "model_cache_dir": str(tmp_path / "cache")}
+           "num_replicas": 1, "replica_num_cpus": 0.5, "batch_size": 4, "model_cache_dir": str(tmp_path / "cache"),
+           "device": "cpu"}
     spec = JobSpec(name="glm4-e2e-batch", job=job)
     sid = client.submit(spec)
     status = client.wait(sid, timeout_s=480, poll_s=2)

@@ -252,6 +252,7 @@ class JobWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="job-watch", daemon=True)
         self._saved = None
+        self.since = 0.0
 
     def __enter__(self) -> "JobWatch":
         import pipeline.batch as batch
@@ -265,7 +266,8 @@ class JobWatch:
 
         self._saved = original
         batch.ProgressPrinter = _Capturing
-        self._sample_once()
+        self._sample_once()  # processes of earlier jobs (still exiting) are seen now, and never counted as ours
+        self.since = time.time()
         self._thread.start()
         return self
 
@@ -289,13 +291,17 @@ class JobWatch:
             except Exception:  # noqa: BLE001 - Ray shutting down; the test's own checks report what is missing
                 pass
 
-    def pids(self, kind: str, since: float = 0.0) -> list[int]:
-        """Pids of `kind` ("replica" | "tp_rank") first seen at or after `since`, oldest first."""
+    def pids(self, kind: str, since: float | None = None) -> list[int]:
+        """Pids of `kind` ("replica" | "tp_rank") first seen at or after `since` (default: since the watch started),
+        oldest first."""
         self._sample_once()
+        since = self.since if since is None else since
         return [p for p, t in sorted(self.first_seen[kind].items(), key=lambda kv: kv[1]) if t >= since]
 
     def live(self, kind: str) -> list[int]:
-        return [p for p in raylet_children_with_title(self.KINDS[kind])]
+        """Live pids of `kind` that started while watching (the watched jobs' own processes)."""
+        ours = set(self.pids(kind))
+        return [p for p in raylet_children_with_title(self.KINDS[kind]) if p in ours]
 
     def replica_stats(self) -> dict[str, dict]:
         """The current job's latest engine stats per replica ({} before its tracker exists or after it ended)."""

@@ -1,7 +1,9 @@
-"""Batch-job faults beyond tests/pipeline's (driver SIGKILL once, one replica kill, S3 stopped): a tensor-parallel
-worker killed, a finished output rerun with and without --overwrite, corrupt input files, and a model cache that
-is full or read-only. The scenario code is bench/faults.py's (the bench runs them bigger and repeated); each test
-asserts the row it produces: nothing lost, nothing duplicated, and a clean finish or a clean, explained failure."""
+"""Batch-job faults beyond tests/pipeline's (driver SIGKILL once, one replica kill, S3 stopped): a replica killed
+twice in one job, a tensor-parallel worker killed, a finished output rerun with and without --overwrite, corrupt
+input files, and a model cache that is full. The scenario code is bench/faults.py's (the bench runs them bigger and
+repeated), with the default job settings except bench/faults.py's BASE / FAULT (each one explained there); each
+test asserts the row it produces: the fault landed (a kill hit a process working on rows, the broken input or cache
+was reported), nothing lost, nothing duplicated, and a clean finish or a clean, explained failure."""
 
 from __future__ import annotations
 
@@ -64,10 +66,24 @@ def test_model_cache_disk_full_fails_cleanly(env):
     row = faults.model_cache_broken(env, 4, "full")
     _check(row)
     assert not row.outcome.startswith("HUNG")
+    assert row.outcome.startswith("failed") and "error says why" in row.notes, row.cells()
 
 
-def test_tensor_parallel_worker_killed_loses_nothing(env):
-    row = faults.tp_worker_killed(env, 10)
+def test_replica_killed_twice_recovers_in_the_same_run(env):
+    """Two distinct replica processes SIGKILLed while stepping with rows in flight (the second one is the first's
+    replacement); a process started after the second kill generates the rest, in the same run."""
+    row = faults.replica_killed_twice(env, 48)
+    print("\n".join(row.notes))
     _check(row, must_finish=True)
-    assert "rank-1 actor SIGKILLed" in row.notes, row.notes
+    assert row.outcome.startswith("succeeded"), row.outcome
+
+
+def test_tensor_parallel_worker_killed_recovers_in_the_same_run(env):
+    """With the default engine restart budget (max_engine_restarts=3) a killed rank is recovered in the same run:
+    the first run_batch call succeeds, no rerun."""
+    row = faults.tp_worker_killed(env, 24)
+    print("\n".join(row.notes))
     assert getattr(row, "tp_error_logged", False), "the replica's engine never raised TensorParallelError"
+    assert row.landed, f"the kill did not land on a working TP group, or no replacement took over: {row.notes}"
+    assert row.same_run, f"not recovered in the same run: {row.outcome}"
+    _check(row, must_finish=True)
