@@ -262,7 +262,8 @@ def build_manifest(config: BatchJobConfig, *, listing, rows_in: int, stats: dict
             "generated_tokens_per_s": round(gen_this_run / run_elapsed, 3) if run_elapsed > 0 else None,
         },
         "engine": {
-            # Running sequences / max_num_seqs over the replicas, sampled every few seconds.
+            # Mean running sequences per engine step / max_num_seqs (every step counted), and the pool's running /
+            # max_num_seqs sampled every few seconds.
             "occupancy_mean": snap.get("occupancy_mean"),
             "occupancy_series": snap.get("occupancy_series", []),
         },

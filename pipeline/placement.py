@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 import uuid
 import warnings
@@ -85,7 +86,27 @@ class ReplicaResources:
 _PLACEMENTS: dict[str, "ReplicaPlacement"] = {}
 
 
+# Ray Data also calls the remote-args function when it only wants to read the options (its memory issue detector
+# does, once per dataset); a placement group made for such a call would reserve resources no actor ever uses (on a
+# small cluster, the CPU a read task needs). So a group is handed out only to an actor start, recognised by the
+# caller's frame: Ray Data's internal `_start_actor` (Ray 2.60). tests/pipeline/test_placement.py fails if it goes.
+_ACTOR_START_FRAME = "_start_actor"
+
+
+def _called_to_start_an_actor(max_depth: int = 12) -> bool:
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == _ACTOR_START_FRAME:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _remote_args_for(key: str, fallback: ReplicaResources) -> dict[str, Any]:
+    if not _called_to_start_an_actor():
+        return {}
     placement = _PLACEMENTS.get(key)
     if placement is None:  # called in another process (a copied plan): reserve a fresh group there
         placement = ReplicaPlacement(fallback)

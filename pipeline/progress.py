@@ -104,7 +104,6 @@ class ProgressTracker:
 
     def snapshot(self) -> dict:
         now = time.time()
-        occ = [v for _, v in self.series if v is not None]
         return {
             "total": self.total,
             "done_before": self.done_before,
@@ -119,7 +118,7 @@ class ProgressTracker:
             "replica_phases": {r: [p, now - t] for r, (p, t) in self.phases.items()},
             "members": dict(self.members),
             "occupancy": self.pool_occupancy(now),
-            "occupancy_mean": sum(occ) / len(occ) if occ else None,
+            "occupancy_mean": step_occupancy(self.replicas),
             "occupancy_series": list(self.series),
         }
 
@@ -199,6 +198,14 @@ def format_progress(s: dict) -> str:
     if s["rows"] == 0:
         line += f" | phase: {format_phase(s)}"
     return line
+
+
+def step_occupancy(replicas: dict[str, dict]) -> float | None:
+    """Mean engine batch occupancy over every step the replicas took: decoded tokens (one per running sequence
+    per step) / (steps x max_num_seqs), from each replica's cumulative counters. Unlike the sampled series it
+    counts every step, so a short job whose samples all fall between bursts still reads right."""
+    steps = sum(st.get("num_steps", 0) * st.get("max_num_seqs", 0) for st in replicas.values())
+    return sum(st.get("num_decode_tokens", 0) for st in replicas.values()) / steps if steps else None
 
 
 def engine_hit_rate(replicas: dict[str, dict]) -> float | None:

@@ -182,9 +182,11 @@ def test_tracker_occupancy_is_running_over_slots_of_live_replicas():
     from pipeline.progress import ProgressTracker
 
     t = ProgressTracker(total=10, done_before=0)
-    t.replica_stats("a", {"num_running": 32, "num_waiting": 100, "max_num_seqs": 64})
-    t.replica_stats("b", {"num_running": 64, "num_waiting": 0, "max_num_seqs": 64})
+    t.replica_stats("a", {"num_running": 32, "num_waiting": 100, "max_num_seqs": 64, "num_steps": 10,
+                          "num_decode_tokens": 320})
+    t.replica_stats("b", {"num_running": 64, "num_waiting": 0, "max_num_seqs": 64, "num_steps": 30,
+                          "num_decode_tokens": 1280})
     snap = t.snapshot()
     assert snap["occupancy"] == 96 / 128
     assert [v for _, v in snap["occupancy_series"]] == [0.5, 0.75]
-    assert snap["occupancy_mean"] == 0.625
+    assert snap["occupancy_mean"] == (320 + 1280) / (40 * 64)  # every step counted, not the samples

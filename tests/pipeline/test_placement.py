@@ -165,3 +165,29 @@ def test_ray_data_still_takes_a_per_actor_remote_args_function():
     import ray.data
 
     assert "ray_remote_args_fn" in inspect.signature(ray.data.Dataset.map_batches).parameters
+
+
+def test_each_replica_actor_gets_one_reserved_group_and_no_group_is_left_over(ray_cluster):
+    """Ray Data starts the pool's actors with a reserved placement group each (bundle 0), and calls for the options
+    that start no actor (its memory issue detector) get none: a stray group would hold CPU that read tasks need."""
+    import ray
+    import ray.data
+
+    from pipeline.placement import ReplicaPlacement, ReplicaResources
+
+    class Where:
+        def __call__(self, batch):
+            ctx = ray.get_runtime_context()
+            return {"pg": [ctx.get_placement_group_id() or ""] * len(batch["id"])}
+
+    placement = ReplicaPlacement(ReplicaResources(device="cpu", tensor_parallel_size=1, replica_num_cpus=0.25))
+    try:
+        placement.reserve(2, timeout_s=60)
+        ds = ray.data.range(40, override_num_blocks=8)
+        ds = placement.map_batches(ds, Where, batch_size=5,
+                                   compute=ray.data.ActorPoolStrategy(min_size=2, max_size=2))
+        pgs = {r["pg"] for r in ds.take_all()}
+        assert len(placement.groups) == 2, "a placement group was created that no replica uses"
+        assert pgs <= {pg.id.hex() for pg in placement.groups} and "" not in pgs
+    finally:
+        placement.release()
