@@ -45,7 +45,10 @@ def test_exactly_one_prompt_source():
     with pytest.raises(ValidationError, match="exactly one of prompt_column and messages_column"):
         BatchJobConfig(**{**BASE, "messages_column": "m"})
     with pytest.raises(ValidationError, match="exactly one"):
-        BatchJobConfig(input="a", output="b", model="c")
+        BatchJobConfig(input="a.parquet", output="b", model="c")
+    # a directory may hold OpenAI Batch .jsonl files (no column needed): decided once listed, at run time
+    assert BatchJobConfig(input="dir/", output="b", model="c").prompt_column is None
+    assert BatchJobConfig(input="requests.jsonl", output="b", model="c").is_openai_batch_input
 
 
 @pytest.mark.parametrize(

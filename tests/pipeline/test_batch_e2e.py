@@ -344,3 +344,17 @@ def test_exactly_once_check_counts_the_same_in_one_task_and_by_hash_aggregation(
     assert small[:2] == large[:2] == (7, 2)
     assert sorted(small[2]) == sorted(large[2]) == ["a", "b"]
     assert state.null_ids(fs, files, readers[0]) == 0
+
+
+def test_parquet_directory_without_a_prompt_source_is_refused_once_listed(tmp_path, model_dir, capsys):
+    write_prompts(tmp_path / "in" / "a.parquet", {"prompt": ["a"]})
+    base = ["--model", str(model_dir), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--dry-run"]
+    assert cli_main(base) == 2
+    assert "Parquet input: set exactly one of prompt_column and messages_column" in capsys.readouterr().err
+    (tmp_path / "in" / "a.parquet").unlink()
+    (tmp_path / "in" / "r.jsonl").write_text('{"custom_id": "x", "method": "POST", "url": "/v1/completions", '
+                                             '"body": {"prompt": "hi", "max_tokens": 2}}\n')
+    assert cli_main(base + ["--prompt-column", "prompt"]) == 2
+    assert "OpenAI Batch request files (.jsonl)" in capsys.readouterr().err
+    assert cli_main(base) == 0
+    assert json.loads(capsys.readouterr().out)["input"]["rows"] == 1

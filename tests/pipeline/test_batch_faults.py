@@ -147,15 +147,14 @@ def test_driver_sigkill_then_rerun_resumes_exactly_once(ray_cluster, model_dir, 
 
 
 def test_killed_replica_is_replaced_without_loss_or_duplicates(ray_cluster, model_dir, tmp_path):
-    n = 40
+    n = 60  # runway: on a loaded CI machine 40 rows could finish before two stats reports showed the replica busy
     write_prompts(tmp_path / "in.parquet", _prompts(n))
     cfg = fault_config(tmp_path, input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
                        model=str(model_dir), prompt_column="prompt", id_column="pid")
     data = tmp_path / "out" / "data"
     with JobWatch() as watch:
         job = _Job(cfg)
-        _wait_for(lambda: watch.live("replica") and len(list(data.glob("*.parquet"))) >= 1, 240,
-                  "the replica to be writing results", job=job)
+        _wait_for(lambda: watch.live("replica"), 240, "the replica to start", job=job)
         victims = watch.live("replica")
         assert len(victims) == 1, victims
         busy = watch.wait_busy(victims[0], 60, alive=job.is_alive)

@@ -44,7 +44,7 @@ def test_listing_errors(tmp_path):
     with pytest.raises(pio.InputError, match="input not found"):
         pio.list_input_files(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(pio.InputError, match="no Parquet files"):
+    with pytest.raises(pio.InputError, match=r"no Parquet \(or OpenAI Batch .jsonl\) files"):
         pio.list_input_files(str(tmp_path / "empty"))
     write_prompts(tmp_path / "mixed" / "a.parquet", {"prompt": ["x"]})
     write_prompts(tmp_path / "mixed" / "b.parquet", {"text": ["x"]})
