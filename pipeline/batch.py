@@ -64,7 +64,9 @@ def replica_resources(config: BatchJobConfig) -> ReplicaResources:
                             replica_num_cpus=config.replica_num_cpus, replica_memory=config.replica_memory)
 
 
-class _Paths:
+class JobPaths:
+    """Where a job reads and writes: output, data, markers and checkpoint, each with its filesystem."""
+
     def __init__(self, config: BatchJobConfig):
         storage = config.storage.resolved()
         self.storage = storage
@@ -86,7 +88,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
     """
     say = progress or (lambda _line: None)
     started = time.time()
-    paths = _Paths(config)
+    paths = JobPaths(config)
     out_fs = paths.out_fs
 
     if config.overwrite:
@@ -128,7 +130,7 @@ def run_batch(config: BatchJobConfig, *, progress: Callable[[str], None] | None 
                        run_elapsed, say)
 
 
-def _run(config: BatchJobConfig, paths: _Paths, fmt, listing, read_columns: list[str], id_column: str, total: int,
+def _run(config: BatchJobConfig, paths: JobPaths, fmt, listing, read_columns: list[str], id_column: str, total: int,
          done_before: int, say: Callable[[str], None]) -> tuple[dict, float]:
     """The Ray Data execution: reserve the replicas, read -> engine -> write. Returns (progress snapshot, seconds)."""
     import ray
@@ -181,7 +183,7 @@ def _run(config: BatchJobConfig, paths: _Paths, fmt, listing, read_columns: list
     return snapshot, time.time() - run_started
 
 
-def _finish(config: BatchJobConfig, paths: _Paths, fmt, listing, id_column: str, total: int, done_before: int,
+def _finish(config: BatchJobConfig, paths: JobPaths, fmt, listing, id_column: str, total: int, done_before: int,
             model_info: dict, snapshot: dict, started: float, run_elapsed: float,
             say: Callable[[str], None]) -> dict[str, Any]:
     """Count the written files (in the cluster), write manifest.json and, when every row is there, _SUCCESS."""

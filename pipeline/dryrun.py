@@ -24,9 +24,9 @@ SAMPLE_BYTES_PER_FILE = 1 << 20
 
 def dry_run(config: BatchJobConfig, *, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The plan of this job as a JSON-able dict (raises InputError / ModelPathError / StorageError like the job)."""
-    from pipeline.batch import _Paths, check_input, replica_resources
+    from pipeline.batch import JobPaths, check_input, replica_resources
 
-    paths = _Paths(config)
+    paths = JobPaths(config)
     listing = pio.list_input_files(config.input, paths.storage)
     fmt = formats.format_of(listing)
     check_input(config, fmt, listing)

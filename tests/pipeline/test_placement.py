@@ -137,8 +137,11 @@ def test_tensor_parallel_replicas_start_on_gpu_nodes_joining_one_after_the_other
     replicas = _replicas(m)
     assert len(replicas) == 2, replicas
     assert len({s["node_id"] for s in replicas.values()}) == 2  # STRICT_PACK: one replica per 2-GPU node
-    # each replica actor holds one of its node's two GPUs (bundle 0); its rank-1 actor holds the other
-    assert all(s["gpu_ids"] in ("0", "1") and s["phase"] == "ready" for s in replicas.values()), replicas
+    # each replica actor holds one of its node's two GPUs (bundle 0); its rank-1 actor holds the other. Both started;
+    # the second may still be loading when the first has done every row (Ray Data does not wait for the whole pool).
+    assert all(s["gpu_ids"] in ("0", "1") and s["placement_group"] for s in replicas.values()), replicas
+    assert len({s["placement_group"] for s in replicas.values()}) == 2
+    assert "ready" in {s["phase"] for s in replicas.values()}
 
 
 def test_replica_resources_come_from_the_config_only():
