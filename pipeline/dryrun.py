@@ -16,6 +16,7 @@ from pipeline import formats
 from pipeline import io as pio
 from pipeline import output_state as state
 from pipeline.config import BatchJobConfig, redact_uri
+from pipeline.placement import ReplicaPlacement
 
 SAMPLE_FILES = 8
 SAMPLE_ROWS_PER_FILE = 64
@@ -47,7 +48,7 @@ def dry_run(config: BatchJobConfig, *, say: Callable[[str], None] | None = None)
                    max(rows - done, 0), "checkpoint": redact_uri(config.resolved_checkpoint_uri)},
         "prompt_tokens_sample": sample,
         "replicas": {"min": lo, "max": hi, "each_requests": resources.describe(), "bundles": resources.bundles(),
-                     "strategy": "STRICT_PACK", "batches_in_flight": config.rows_in_flight_batches,
+                     "strategy": ReplicaPlacement.strategy, "batches_in_flight": config.rows_in_flight_batches,
                      "rows_in_flight": config.rows_in_flight_batches * config.batch_size,
                      "engine": config.engine.llm_kwargs(config.tensor_parallel_size, config.device)},
         "model": {"uri": redact_uri(config.model), "weights": model["weights"],

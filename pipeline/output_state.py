@@ -155,14 +155,19 @@ def add_stats(acc: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return acc
 
 
-def collect_stats(fs, files: list[str], stats_fn=parquet_file_stats) -> dict[str, Any]:
-    """Statistics of all result files: Ray tasks over groups of files, summed on the driver (O(files))."""
+def over_file_groups(fn, fs, files: list[str], *args) -> list[Any]:
+    """`fn(fs, group, *args)` as Ray tasks over groups of FILES_PER_STATS_TASK files; the small results, in order."""
     import ray
 
-    task = ray.remote(num_cpus=0.25, max_retries=3)(stats_fn)
+    task = ray.remote(num_cpus=0.25, max_retries=3)(fn)
     groups = [files[i:i + FILES_PER_STATS_TASK] for i in range(0, len(files), FILES_PER_STATS_TASK)]
+    return ray.get([task.remote(fs, g, *args) for g in groups])
+
+
+def collect_stats(fs, files: list[str], stats_fn=parquet_file_stats) -> dict[str, Any]:
+    """Statistics of all result files: Ray tasks over groups of files, summed on the driver (O(files))."""
     acc = empty_stats()
-    for part in ray.get([task.remote(fs, g) for g in groups]):
+    for part in over_file_groups(stats_fn, fs, files):
         add_stats(acc, part)
     return acc
 
@@ -192,11 +197,7 @@ def duplicate_ids(fs, files: list[str], id_column: str, rows: int, read_ids, ids
 
 def null_ids(fs, files: list[str], read_ids) -> int:
     """Null ids over the files: Ray tasks over groups of files, one int each back to the driver."""
-    import ray
-
-    task = ray.remote(num_cpus=0.25, max_retries=3)(_nulls)
-    groups = [files[i:i + FILES_PER_STATS_TASK] for i in range(0, len(files), FILES_PER_STATS_TASK)]
-    return sum(ray.get([task.remote(fs, g, read_ids) for g in groups]))
+    return sum(over_file_groups(_nulls, fs, files, read_ids))
 
 
 def _nulls(fs, files: list[str], read_ids) -> int:
